@@ -1,0 +1,1 @@
+"""Where results go: Kafka output topics, dead letters, Redis."""

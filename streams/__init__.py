@@ -1,0 +1,1 @@
+"""Stream processors: ingest (raw topics to bundles) and the Faust worker stages."""

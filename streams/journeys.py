@@ -1,0 +1,544 @@
+"""The journey stage around the sessionizer: bundles in; state, outputs and Redis out.
+
+Independent of Faust (the Faust wiring is :mod:`streams.app`), so it can be
+tested with a dict for a store and fakes for outputs.
+
+State is write-behind. Each customer's state lives in memory while it has open
+journeys; :meth:`JourneyProcessor.flush` writes every state changed since the
+last flush to the changelog (and the table store), hands the live journeys to
+Redis, and the shell acks the input offsets only once all of it is delivered.
+Each state remembers the offset of the last bundle applied to it (``pos``), so
+after a crash the bundles replayed from the last committed offset are applied
+exactly once: a state that already contains a bundle skips it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import msgspec
+
+from schemas.decoder import Rejection
+from schemas.registry import uri_for
+from sinks import deadletter
+from sinks.kafka_out import OutputProducer
+from sinks.redis_sink import RedisJourneySink
+from streams.bundles import (
+    Forget,
+    Link,
+    Merge,
+    Partitioner,
+    Touchpoint,
+    decode_bundle,
+    properties_of,
+)
+from streams.core.clock import StreamClock, iso_ms
+from streams.core.journey import CustomerState, decode_state, encode_state, journey_view
+from streams.core.rules import SpikeConfig
+from streams.core.sessionizer import Effects, Sessionizer
+from streams.core.spikes import WindowCounter
+from streams.core.stages import STAGES
+from touchpoint import jsonio, metrics
+from touchpoint.config import TopicSettings
+
+log = logging.getLogger(__name__)
+
+LATE_EVENT = uri_for("late_event")
+META_PREFIX = b"\x00\x00touchpoint-meta:"
+_partial_encoder = msgspec.json.Encoder()
+REDIS_TOUCHPOINTS = 20
+
+
+class StateStore(Protocol):
+    """Where states persist between flushes (a Faust table store in the worker)."""
+
+    def get(self, key: bytes, partition: int) -> bytes | None: ...
+    def put(self, key: bytes, partition: int, value: bytes) -> None: ...
+    def delete(self, key: bytes, partition: int) -> None: ...
+    def commit(self) -> None:
+        """Apply the writes since the last commit (stores may batch them)."""
+    def scan(self, partition: int) -> Iterable[tuple[bytes, bytes]]: ...
+
+
+class DictStore:
+    """A plain-dict :class:`StateStore` (tests, tools)."""
+
+    def __init__(self, partition_of: Callable[[str], int]) -> None:
+        self.data: dict[bytes, bytes] = {}
+        self.partition_of = partition_of
+
+    def get(self, key: bytes, partition: int) -> bytes | None:
+        return self.data.get(key)
+
+    def put(self, key: bytes, partition: int, value: bytes) -> None:
+        self.data[key] = value
+
+    def delete(self, key: bytes, partition: int) -> None:
+        self.data.pop(key, None)
+
+    def commit(self) -> None:
+        pass
+
+    def scan(self, partition: int) -> Iterable[tuple[bytes, bytes]]:
+        for key, value in list(self.data.items()):
+            if key.startswith(META_PREFIX) or self.partition_of(key.decode()) == partition:
+                yield key, value
+
+
+class _Meta(msgspec.Struct, array_like=True):
+    watermark: int
+    floor: int
+    # Signal counts of the windows still open (WindowCounter.dump()).
+    counts: list[Any] = msgspec.field(default_factory=list)
+
+
+@dataclass
+class PartitionState:
+    clock: StreamClock
+    counter: WindowCounter
+    heap: list[tuple[int, str]] = field(default_factory=list)
+    scheduled: dict[str, int] = field(default_factory=dict)
+    meta_dirty: bool = False
+
+
+class JourneyProcessor:
+    def __init__(
+        self,
+        sessionizer: Sessionizer,
+        *,
+        partitions: int,
+        store: StateStore,
+        output: OutputProducer,
+        topics: TopicSettings,
+        redis: RedisJourneySink | None = None,
+        idle_ms: int = 5_000,
+        wall: Callable[[], float] = time.time,
+        spikes: SpikeConfig | None = None,
+    ) -> None:
+        self.sessionizer = sessionizer
+        self.partition_of = Partitioner(partitions)
+        self.store = store
+        self.output = output
+        self.topics = topics
+        self.redis = redis
+        self.idle_ms = idle_ms
+        self.wall = wall
+        self.spikes = spikes or SpikeConfig()
+        self.parts: dict[int, PartitionState] = {}
+        self.cache: dict[str, CustomerState] = {}
+        self.dirty: set[str] = set()
+        self.forgotten: set[str] = set()
+        self.counts: Counter[str] = Counter()
+        # Encoded state size of customers with one open journey, by its touchpoints kept.
+        self.state_sizes: dict[int, list[int]] = {}  # touchpoints -> [states, bytes]
+
+    # ------------------------------------------------------------ partitions
+    def load_partition(self, partition: int) -> PartitionState:
+        """Take over ``partition``: its stream clock and the deadlines of its stored states."""
+        meta_raw = self.store.get(META_PREFIX + str(partition).encode(), partition)
+        meta = msgspec.msgpack.decode(meta_raw, type=_Meta) if meta_raw else _Meta(0, 0)
+        clock = StreamClock(self.idle_ms, self.wall, meta.watermark)
+        clock.now()  # floor starts at the watermark
+        counter = WindowCounter(self.spikes.window_ms)
+        counter.load(meta.counts)
+        part = PartitionState(clock, counter)
+        self.parts[partition] = part
+        loaded = 0
+        for raw_key, raw in self.store.scan(partition):
+            if raw_key.startswith(META_PREFIX):
+                continue
+            self._schedule(part, decode_state(raw))
+            loaded += 1
+        log.info(
+            "partition %d: %d stored customers, stream time %s",
+            partition,
+            loaded,
+            iso_ms(clock.now()),
+        )
+        return part
+
+    def drop_partition(self, partition: int) -> None:
+        """Partition revoked (after a flush): forget its in-memory state."""
+        self.parts.pop(partition, None)
+        for key in [k for k in self.cache if self.partition_of(k) == partition]:
+            del self.cache[key]
+            self.dirty.discard(key)
+
+    def _part(self, partition: int) -> PartitionState:
+        part = self.parts.get(partition)
+        return part if part is not None else self.load_partition(partition)
+
+    # ------------------------------------------------------------ state access
+    def state(self, key: str) -> CustomerState:
+        state = self.cache.get(key)
+        if state is None:
+            raw = (
+                None
+                if key in self.forgotten
+                else self.store.get(key.encode(), self.partition_of(key))
+            )
+            state = decode_state(raw) if raw is not None else CustomerState(key)
+            self.cache[key] = state
+        return state
+
+    def peek(self, key: str) -> CustomerState | None:
+        """Read without caching (lookups)."""
+        state = self.cache.get(key)
+        if state is not None:
+            return state
+        if key in self.forgotten:
+            return None
+        raw = self.store.get(key.encode(), self.partition_of(key))
+        return decode_state(raw) if raw is not None else None
+
+    def _schedule(self, part: PartitionState, state: CustomerState) -> None:
+        """Make sure the key's earliest deadline is on the partition's heap.
+
+        A key already on the heap keeps its entry: deadlines only move later as
+        events arrive, and an entry that pops early is simply rescheduled.
+        """
+        if state.key in part.scheduled:
+            return
+        deadline = self.sessionizer.next_deadline(state)
+        part.scheduled[state.key] = deadline
+        heapq.heappush(part.heap, (deadline, state.key))
+
+    # ------------------------------------------------------------ bundles
+    def handle(self, partition: int, offset: int, value: bytes) -> int:
+        """Apply one bundle message; returns the number of touchpoints in it."""
+        try:
+            bundle = decode_bundle(value)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self._corrupt(partition, offset, value, exc)
+            return 0
+        part = self._part(partition)
+        now = part.clock.now()
+        fx = Effects()
+        sessionizer = self.sessionizer
+        fresh: set[str] = set()
+        skipped: set[str] = set()
+        applied: dict[tuple[str, str], int] = {}
+        max_ts = 0
+        touchpoints = 0
+        for item in bundle.items:
+            kind = item.__class__
+            if kind is Touchpoint:
+                key = item.key
+                touchpoints += 1
+                counted = (item.event.channel, item.event.event_type)
+                applied[counted] = applied.get(counted, 0) + 1
+            elif kind is Link:
+                key = item.anonymous_id
+            elif kind is Merge:
+                key = item.customer_id
+            else:
+                key = item.key
+            if key in skipped:
+                continue
+            state = self.cache.get(key) or self.state(key)
+            if key not in fresh:
+                if state.pos >= offset:
+                    skipped.add(key)  # applied before a crash: exactly once
+                    continue
+                fresh.add(key)
+                state.pos = offset
+            if kind is Touchpoint:
+                if item.ts > max_ts:
+                    max_ts = item.ts
+                    if max_ts > now:
+                        now = max_ts
+                sessionizer.apply(state, item, now, fx)
+            elif kind is Link:
+                sessionizer.link(state, item.customer_id, item.event_id, item.ts, fx)
+            elif kind is Merge:
+                sessionizer.merge(state, item, now, fx)
+            else:
+                self._forget(state, item, fx)
+                continue
+            self._schedule(part, state)
+        if max_ts:
+            part.clock.observe(max_ts)
+            part.meta_dirty = True
+            metrics.PROCESSING_LAG.labels(str(partition)).set(max(0.0, self.wall() - max_ts / 1000))
+        self._emit(fx, part)
+        self._sweep(part)  # deadlines the stream time has now passed, in stream order
+        if skipped:
+            self.counts["skipped_replayed_keys"] += len(skipped)
+        for (channel, etype), n in applied.items():
+            metrics.EVENTS_APPLIED.labels(channel, etype).inc(n)
+        return touchpoints
+
+    def _forget(self, state: CustomerState, item: Forget, fx: Effects) -> None:
+        key = state.key
+        if item.cascade:
+            for anonymous_id in state.anonymous_ids:
+                fx.forwards.append((anonymous_id, Forget(anonymous_id, cascade=False)))
+        self.cache.pop(key, None)
+        self.forgotten.add(key)
+        self.dirty.add(key)
+        fx.touched.pop(key, None)
+        self.counts["forgotten"] += 1
+
+    def _corrupt(self, partition: int, offset: int, value: bytes, exc: Exception) -> None:
+        record = deadletter.dead_letter(
+            Rejection("processing_error", f"corrupt bundle: {exc}"),
+            payload=value,
+            topic=self.topics.validated,
+            partition=partition,
+            offset=offset,
+            stage="journeys",
+            now_ms=int(self.wall() * 1000),
+        )
+        self.output.record(self.topics.deadletter, f"bundle-{partition}", deadletter.encode(record))
+        log.error(
+            "corrupt bundle at %s[%d]@%d dead-lettered", self.topics.validated, partition, offset
+        )
+
+    # ------------------------------------------------------------ effects
+    def _emit(self, fx: Effects, part: PartitionState | None) -> None:
+        output = self.output
+        topics = self.topics
+        for at, signal in fx.signals:
+            customer = signal["customer_id"]
+            output.record(topics.friction, customer, jsonio.dumps(signal))
+            metrics.FRICTION_SIGNALS.labels(signal["rule"], signal["channel"]).inc()
+            if part is not None:
+                part.counter.add(
+                    at, signal["rule"], signal["channel"], customer, signal["signal_id"]
+                )
+                part.meta_dirty = True
+        self.counts["signals"] += len(fx.signals)
+        for summary in fx.closed:
+            output.record(topics.journeys, summary["customer_id"], jsonio.dumps(summary))
+            metrics.JOURNEYS_COMPLETED.labels(summary["outcome"]).inc()
+            metrics.JOURNEY_DURATION.observe(summary["duration_ms"] / 1000)
+            metrics.JOURNEY_LENGTH.observe(summary["touchpoint_count"])
+        for late in fx.late:
+            tp = late.touchpoint
+            output.record(topics.late, tp.key, jsonio.dumps(self._late_record(late)))
+            metrics.EVENTS_LATE.labels(tp.event.channel).inc()
+        if fx.forwards:
+            by_partition: dict[int, list[Any]] = {}
+            for target, item in fx.forwards:
+                by_partition.setdefault(self.partition_of(target), []).append(item)
+            now_ms = int(self.wall() * 1000)
+            for partition, forwarded in by_partition.items():
+                output.bundle(partition, forwarded, now_ms)
+        if fx.duplicates:
+            metrics.EVENTS_DUPLICATE.inc(fx.duplicates)
+        for (before, after), n in fx.transitions.items():
+            metrics.STAGE_TRANSITIONS.labels(
+                STAGES[before] if before >= 0 else "none", STAGES[after]
+            ).inc(n)
+        self.counts["closed"] += len(fx.closed)
+        self.counts["late"] += len(fx.late)
+        self.counts["duplicates"] += fx.duplicates
+        self.dirty.update(fx.touched)
+
+    def _late_record(self, late: Any) -> dict[str, Any]:
+        tp = late.touchpoint
+        source = tp.event
+        event: dict[str, Any] = {
+            "event_id": source.event_id,
+            "event_type": source.event_type,
+            "channel": source.channel,
+            "occurred_at": iso_ms(tp.ts),
+            "properties": properties_of(source),
+        }
+        for name in ("customer_id", "anonymous_id", "session_hint"):
+            value = getattr(source, name)
+            if value is not None:
+                event[name] = value
+        return {
+            "schema": LATE_EVENT,
+            "key": tp.key,
+            "reason": "beyond_grace",
+            "event": event,
+            "watermark": iso_ms(late.watermark),
+            "lateness_ms": late.lateness_ms,
+            "detected_at": iso_ms(int(self.wall() * 1000)),
+        }
+
+    # ------------------------------------------------------------ time
+    def sweep(self) -> int:
+        """Close journeys, fire rule deadlines and expire states that stream time has passed.
+
+        Runs per partition after every bundle (deadlines fire in stream order,
+        so a replay fires them at the same stream positions as live) and on a
+        wall-clock timer (quiet partitions, whose stream time follows the wall
+        clock after a while).
+        """
+        return sum(self._sweep(part) for part in self.parts.values())
+
+    def _sweep(self, part: PartitionState) -> int:
+        now = part.clock.now()
+        heap = part.heap
+        if not heap or heap[0][0] > now:
+            return 0
+        fx = Effects()
+        due = 0
+        while heap and heap[0][0] <= now:
+            deadline, key = heapq.heappop(heap)
+            if part.scheduled.get(key) != deadline:
+                continue  # superseded by an earlier deadline
+            del part.scheduled[key]
+            state = self.state(key)
+            due += 1
+            self.sessionizer.close_due(state, now, fx)
+            if state.journeys or state.rules:
+                self._schedule(part, state)
+            elif self.sessionizer.expired(state, now):
+                self.cache.pop(key, None)
+                self.forgotten.add(key)
+                self.dirty.add(key)
+                fx.touched.pop(key, None)
+                self.counts["expired"] += 1
+            else:
+                self._schedule(part, state)
+                if key not in fx.touched and key not in self.dirty:
+                    del self.cache[key]  # loaded only to check; nothing changed
+        part.meta_dirty = True
+        self._emit(fx, part)
+        return due
+
+    # ------------------------------------------------------------ write-behind
+    def flush(self) -> int:
+        """Write changed states to the changelog/store and Redis; returns records written.
+
+        The caller must then wait for ``output.flush()`` before acking input.
+        """
+        output = self.output
+        store = self.store
+        partition_of = self.partition_of
+        redis_updates: dict[str, bytes | None] = {}
+        written = 0
+        state_bytes = 0
+        for key in self.dirty:
+            raw_key = key.encode()
+            partition = partition_of(key)
+            if key in self.forgotten and key not in self.cache:
+                output.changelog(partition, raw_key, None)
+                store.delete(raw_key, partition)
+                redis_updates[key] = None
+                written += 1
+                continue
+            state = self.cache.get(key)
+            if state is None:
+                continue
+            data = encode_state(state)
+            output.changelog(partition, raw_key, data)
+            store.put(raw_key, partition, data)
+            state_bytes += len(data)
+            if len(state.journeys) == 1:
+                size = self.state_sizes.setdefault(len(state.journeys[0].tps), [0, 0])
+                size[0] += 1
+                size[1] += len(data)
+            redis_updates[key] = self.redis_value(state)
+            written += 1
+            if not state.journeys:
+                del self.cache[key]  # nothing live: the store copy is enough
+        self.forgotten.clear()
+        self.dirty.clear()
+        for partition, part in self.parts.items():
+            now = part.clock.now()
+            # Report counts and stream time every flush: quiet partitions still
+            # move the alerting stage's windows on.
+            output.record(
+                self.topics.signal_counts,
+                str(partition),
+                _partial_encoder.encode(part.counter.partial(partition, now)),
+            )
+            part.counter.prune(now, self.spikes.lateness_ms)
+            if part.meta_dirty:
+                meta = msgspec.msgpack.encode(_Meta(part.clock.watermark, now, part.counter.dump()))
+                key = META_PREFIX + str(partition).encode()
+                output.changelog(partition, key, meta)
+                store.put(key, partition, meta)
+                part.meta_dirty = False
+                written += 1
+                metrics.STREAM_TIME.labels(str(partition)).set(now / 1000)
+        store.commit()
+        if self.redis is not None and redis_updates:
+            self.redis.submit(redis_updates)
+        metrics.CHANGELOG_RECORDS.inc(written)
+        metrics.STATE_BYTES.inc(state_bytes)
+        self.counts["changelog_records"] += written
+        return written
+
+    def redis_value(self, state: CustomerState) -> bytes | None:
+        """The Redis mirror of a customer's live journey (None: no live journey, delete).
+
+        Built for every changed customer at every flush, so it is compact: the
+        latest :data:`REDIS_TOUCHPOINTS` touchpoints as arrays
+        ``[epoch_ms, event_id, event_type, channel, stage_index]`` and channels
+        as ``{channel: [touchpoints, first_epoch_ms]}``, straight from state
+        (no per-touchpoint formatting). The HTTP lookup has the full
+        view with RFC 3339 times and stage names.
+        """
+        if not state.journeys:
+            return None
+        j = state.journeys[-1]
+        cart = j.cart
+        return jsonio.dumps(
+            {
+                "customer_id": state.key,
+                "journey_id": j.id,
+                "open_journeys": len(state.journeys),
+                "started_at_ms": j.start,
+                "last_event_at_ms": j.last,
+                "touchpoint_count": j.count,
+                "channels": j.channels,
+                "stage_current": j.last_staged[2] if j.last_staged else -1,
+                "stage_furthest": j.furthest,
+                "cart": [cart.status(), max(cart.items, 0), round(cart.value, 2)],
+                "orders": [j.orders, round(j.revenue, 2)],
+                "friction": j.friction,
+                "identified": j.identified,
+                "anonymous_ids": j.anonymous_ids,
+                "touchpoints": j.tps[-REDIS_TOUCHPOINTS:],
+            }
+        )
+
+    def resync_redis(self) -> None:
+        """Re-send every live journey to Redis (after the sink dropped updates)."""
+        if self.redis is not None:
+            self.redis.submit({key: self.redis_value(s) for key, s in self.cache.items()})
+
+    def active_by_stage(self) -> Counter[str]:
+        counts: Counter[str] = Counter()
+        for state in self.cache.values():
+            for journey in state.journeys:
+                stage = journey.last_staged[2] if journey.last_staged else -1
+                counts[STAGES[stage] if stage >= 0 else "none"] += 1
+        return counts
+
+    # ------------------------------------------------------------ lookups
+    def lookup(self, key: str) -> dict[str, Any] | None:
+        """A customer's live journeys and recent history, or None if nothing is kept."""
+        state = self.peek(key)
+        if state is None:
+            return None
+        return {
+            "customer_id": key,
+            "alias_of": state.alias_of,
+            "anonymous_ids": state.anonymous_ids,
+            "live": [journey_view(j, iso_ms) for j in state.journeys],
+            "recent": [
+                {
+                    "journey_id": r.id,
+                    "started_at": iso_ms(r.start),
+                    "last_event_at": iso_ms(r.last),
+                    "outcome": r.outcome,
+                    "touchpoint_count": r.count,
+                    "channels": r.channels,
+                }
+                for r in reversed(state.recent)
+            ],
+            "late_events": state.late,
+        }

@@ -1,0 +1,285 @@
+"""Journeys against the real broker and Redis: lifecycle, stitching, restart, rebalance, erasure."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from streams.bundles import Partitioner
+from tests.events import event, page_view
+from tests.pipeline import Pipeline, wait_until
+from tests.reference import assert_valid_record
+from touchpoint.config import KafkaSettings, RedisSettings, TopicSettings
+
+SECOND = 1000
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@pytest.fixture
+def pipeline(
+    kafka: KafkaSettings,
+    topics: TopicSettings,
+    redis_settings: RedisSettings,
+    unique: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> Iterator[Pipeline]:
+    # Short gaps so journeys close within a test: 6 s of inactivity, 1 s grace.
+    journey = getattr(request, "param", {"gap_minutes": "0.1", "grace_minutes": "0.0167"})
+    p = Pipeline(kafka, topics, redis_settings, unique, tmp_path, **journey)
+    yield p
+    p.close()
+
+
+def redis_client(settings: RedisSettings) -> redis.Redis:
+    return redis.Redis.from_url(settings.url)
+
+
+def summaries_for(p: Pipeline, customer: str, n: int) -> list[dict[str, Any]]:
+    def enough(docs: list[dict[str, Any]]) -> bool:
+        return sum(d["customer_id"] == customer for d in docs) >= n
+
+    return [d for d in p.read(p.topics.journeys, enough) if d["customer_id"] == customer]
+
+
+def test_live_journey_lookup_redis_and_close(pipeline: Pipeline) -> None:
+    worker = pipeline.worker()
+    worker.wait_ready(partitions=pipeline.topics.partitions)
+    t = now_ms()
+    pipeline.send(
+        page_view("j1-1", customer_id="cust-a", ts=t - 3 * SECOND, url="/"),
+        event("product_view", "j1-2", customer_id="cust-a", ts=t - 2 * SECOND, product_id="p1"),
+        event(
+            "cart_add",
+            "j1-3",
+            customer_id="cust-a",
+            ts=t - SECOND,
+            cart_id="c",
+            product_id="p1",
+            price=5.0,
+        ),
+        page_view("j1-1", customer_id="cust-a", ts=t - 3 * SECOND, url="/"),  # redelivered
+    )
+    status, body = wait_until(lambda: (r := worker.journey("cust-a"))[1].get("live") and r, 30)
+    assert status == 200
+    (live,) = body["live"]
+    assert [tp["event_id"] for tp in live["touchpoints"]] == ["j1-1", "j1-2", "j1-3"]
+    assert live["stage_current"] == "purchase" and live["cart"]["status"] == "open"
+    r = redis_client(pipeline.redis)
+    key = f"{pipeline.redis.key_prefix}journey:cust-a"
+    stored = wait_until(lambda: r.get(key), 10)
+    assert b"j1-3" in stored and 0 < r.ttl(key) <= pipeline.redis.journey_ttl_s
+
+    # Silence: the partition's stream time follows the wall clock and the journey closes.
+    (summary,) = summaries_for(pipeline, "cust-a", 1)
+    assert_valid_record(summary)
+    assert summary["outcome"] == "abandoned_cart"
+    assert summary["touchpoint_count"] == 3 and summary["duplicates"] == 1
+    wait_until(lambda: r.get(key) is None, 10)
+    status, body = worker.journey("cust-a")
+    assert (
+        status == 200
+        and body["live"] == []
+        and body["recent"][0]["journey_id"] == summary["journey_id"]
+    )
+    assert worker.journey("nobody")[0] == 404
+
+
+def test_late_events_go_to_the_late_topic(pipeline: Pipeline) -> None:
+    worker = pipeline.worker()
+    worker.wait_ready(partitions=pipeline.topics.partitions)
+    t = now_ms()
+    pipeline.send(page_view("late-1", customer_id="cust-l", ts=t))
+    wait_until(lambda: worker.journey("cust-l")[0] == 200, 30)
+    pipeline.send(page_view("late-2", customer_id="cust-l", ts=t - 120 * SECOND))
+    (late,) = pipeline.read(pipeline.topics.late, lambda docs: len(docs) >= 1)
+    assert_valid_record(late)
+    assert late["event"]["event_id"] == "late-2" and late["key"] == "cust-l"
+    assert late["lateness_ms"] > 100 * SECOND
+
+
+def _ids_on_different_partitions(partitions: int) -> tuple[str, str]:
+    part = Partitioner(partitions)
+    customer = "cust-stitch"
+    anonymous = next(f"anon-{i}" for i in range(100) if part(f"anon-{i}") != part(customer))
+    return customer, anonymous
+
+
+def test_identity_stitching_across_partitions(pipeline: Pipeline) -> None:
+    worker = pipeline.worker()
+    worker.wait_ready(partitions=pipeline.topics.partitions)
+    customer, anonymous = _ids_on_different_partitions(pipeline.topics.partitions)
+    t = now_ms()
+    pipeline.send(
+        page_view("s-1", customer_id=None, anonymous_id=anonymous, ts=t - 4 * SECOND, url="/"),
+        event(
+            "product_view",
+            "s-2",
+            customer_id=None,
+            anonymous_id=anonymous,
+            ts=t - 3 * SECOND,
+            product_id="p",
+        ),
+    )
+    wait_until(lambda: worker.journey(anonymous)[1].get("live"), 30)
+    pipeline.send(
+        event(
+            "identify",
+            "s-3",
+            customer_id=customer,
+            anonymous_id=anonymous,
+            ts=t - 2 * SECOND,
+            method="login",
+        )
+    )
+    wait_until(lambda: worker.journey(anonymous)[1].get("alias_of") == customer, 30)
+    pipeline.send(
+        page_view("s-4", customer_id=None, anonymous_id=anonymous, ts=t - SECOND, url="/cart")
+    )
+    (summary,) = summaries_for(pipeline, customer, 1)
+    assert_valid_record(summary)
+    assert sorted(tp["event_id"] for tp in summary["touchpoints"]) == ["s-1", "s-2", "s-3", "s-4"]
+    assert summary["identified"] is True and summary["anonymous_ids"] == [anonymous]
+    assert summary["touchpoint_count"] == 4
+    # Nothing is published for the anonymous id: its journey was handed over.
+    time.sleep(1)
+    anonymous_docs = [
+        d
+        for d in pipeline.read(pipeline.topics.journeys, lambda d: True, timeout=2)
+        if d["customer_id"] == anonymous
+    ]
+    assert anonymous_docs == []
+
+
+def _counts(worker: Any, customers: list[str]) -> dict[str, int]:
+    out = {}
+    for customer in customers:
+        status, body = worker.journey(customer)
+        out[customer] = (
+            sum(j["touchpoint_count"] for j in body.get("live", [])) if status == 200 else 0
+        )
+    return out
+
+
+LONG = {"gap_minutes": "30", "grace_minutes": "5"}
+
+
+@pytest.mark.parametrize("pipeline", [LONG], indirect=True)
+def test_state_survives_a_crash_exactly(pipeline: Pipeline) -> None:
+    """kill -9 right after input arrives: after restart every event counts exactly once."""
+    first = pipeline.worker()
+    first.wait_ready(partitions=pipeline.topics.partitions)
+    customers = [f"cust-crash-{i}" for i in range(12)]
+    t = now_ms()
+    pipeline.send(
+        *[page_view(f"c1-{c}-{i}", customer_id=c, ts=t + i) for c in customers for i in range(3)]
+    )
+    wait_until(lambda: all(n == 3 for n in _counts(first, customers).values()), 30)
+    time.sleep(1)  # flushed and acked
+    pipeline.send(
+        *[
+            page_view(f"c2-{c}-{i}", customer_id=c, ts=t + 10 + i)
+            for c in customers
+            for i in range(4)
+        ]
+    )
+    wait_until(lambda: first.health()["touchpoints"] >= 12 * 7, 30)
+    first.kill()  # the second batch may or may not have been flushed: both must work
+
+    second = pipeline.worker()
+    second.wait_ready(partitions=pipeline.topics.partitions)
+    wait_until(lambda: _counts(second, customers) == {c: 7 for c in customers}, 60)
+    pipeline.send(*[page_view(f"c3-{c}", customer_id=c, ts=t + 20) for c in customers])
+    wait_until(lambda: _counts(second, customers) == {c: 8 for c in customers}, 30)
+    _status, body = second.journey(customers[0])
+    assert body["live"][0]["duplicates"] == 0
+
+
+@pytest.mark.parametrize("pipeline", [LONG], indirect=True)
+def test_rebalance_between_two_workers_keeps_state_and_routes_lookups(pipeline: Pipeline) -> None:
+    a = pipeline.worker()
+    a.wait_ready(partitions=pipeline.topics.partitions)
+    customers = [f"cust-rb-{i}" for i in range(16)]
+    t = now_ms()
+    pipeline.send(
+        *[page_view(f"r1-{c}-{i}", customer_id=c, ts=t + i) for c in customers for i in range(2)]
+    )
+    wait_until(lambda: all(n == 2 for n in _counts(a, customers).values()), 30)
+
+    b = pipeline.worker()
+    wait_until(lambda: (hb := b.health()) and hb["ready"] and len(hb["partitions"]) == 2, 90)
+    wait_until(lambda: (ha := a.health()) and len(ha["partitions"]) == 2, 60)
+    pipeline.send(*[page_view(f"r2-{c}", customer_id=c, ts=t + 10) for c in customers])
+    # Either worker answers for every customer (the request is routed to the owner).
+    wait_until(lambda: _counts(b, customers) == {c: 3 for c in customers}, 60)
+    assert _counts(a, customers) == {c: 3 for c in customers}
+
+    b.stop()
+    wait_until(lambda: (ha := a.health()) and len(ha["partitions"]) == 4, 90)
+    pipeline.send(*[page_view(f"r3-{c}", customer_id=c, ts=t + 20) for c in customers])
+    wait_until(lambda: _counts(a, customers) == {c: 4 for c in customers}, 60)
+
+
+@pytest.mark.parametrize("pipeline", [LONG], indirect=True)
+def test_forget_erases_the_customer_everywhere(pipeline: Pipeline) -> None:
+    import subprocess
+    import sys
+
+    worker = pipeline.worker()
+    worker.wait_ready(partitions=pipeline.topics.partitions)
+    customer, anonymous = _ids_on_different_partitions(pipeline.topics.partitions)
+    t = now_ms()
+    pipeline.send(
+        page_view("f-1", customer_id=None, anonymous_id=anonymous, ts=t),
+        event(
+            "identify",
+            "f-2",
+            customer_id=customer,
+            anonymous_id=anonymous,
+            ts=t + 1,
+            method="signup",
+        ),
+        page_view("f-3", customer_id=customer, ts=t + 2),
+        page_view("keep-1", customer_id="cust-other", ts=t + 3),
+    )
+    wait_until(lambda: _counts(worker, [customer]) == {customer: 3}, 30)
+    r = redis_client(pipeline.redis)
+    key = f"{pipeline.redis.key_prefix}journey:{customer}"
+    wait_until(lambda: r.get(key), 10)
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "touchpoint",
+            "forget",
+            customer,
+            "--url",
+            worker.url,
+            "--timeout",
+            "60",
+        ],
+        env=pipeline.env,
+        capture_output=True,
+        timeout=90,
+    )
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    assert worker.journey(customer)[0] == 404
+    wait_until(lambda: worker.journey(anonymous)[0] == 404, 30)
+    wait_until(lambda: r.get(key) is None, 10)
+    assert worker.journey("cust-other")[0] == 200
+    # The changelog holds tombstones: a fresh worker recovers nothing of the customer.
+    worker.kill()
+    fresh = pipeline.worker()
+    fresh.wait_ready(partitions=pipeline.topics.partitions)
+    assert fresh.journey(customer)[0] == 404 and fresh.journey(anonymous)[0] == 404
+    assert _counts(fresh, ["cust-other"]) == {"cust-other": 1}
+    assert r.get(key) is None

@@ -1,0 +1,3 @@
+"""Touchpoint: an event-streaming customer touchpoint tracker."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+"""``python -m touchpoint`` runs the CLI."""
+
+from touchpoint.cli import main
+
+main()
