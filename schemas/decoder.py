@@ -87,8 +87,19 @@ def _classify(message: str) -> Rejection:
     return Rejection("invalid_value", text, path)
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
 def _classify_decode_error(data: bytes, exc: Exception) -> Rejection:
     """A payload msgspec could not parse: bad encoding or malformed JSON."""
+    if data.startswith(_BOM):
+        # Valid UTF-8, but RFC 8259 forbids a BOM in JSON sent over the network:
+        # the producer's encoding is wrong, not its JSON.
+        return Rejection("invalid_encoding", "starts with a UTF-8 byte order mark (BOM)")
+    if 0 in data[:4]:
+        # JSON text starts with two ASCII characters, so NUL bytes among the
+        # first four mean UTF-16 or UTF-32 (RFC 4627, section 3).
+        return Rejection("invalid_encoding", "NUL bytes at the start: UTF-16 or UTF-32, not UTF-8")
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -113,9 +124,20 @@ _tails: dict[str, int] = {}
 _CACHE_LIMIT = 200_000
 
 
+# The Gregorian calendar repeats every 400 years (146,097 days).
+_CYCLE_MS = 146_097 * 86_400_000
+
+
 def _parse_slow(value: str) -> int | None:
     if _RFC3339.fullmatch(value) is None:
         return None
+    shift = 0
+    if value.startswith("0000"):
+        # RFC 3339 allows year 0000 but datetime starts at year 1: read it one
+        # cycle later and shift back, so it is refused as out of range like any
+        # other absurd time rather than as "not a date-time".
+        value = "0400" + value[4:]
+        shift = _CYCLE_MS
     dot = value.find(".")
     if dot > 0:
         # fromisoformat wants at most 6 fraction digits; finer than 1 ms does not matter here.
@@ -123,7 +145,7 @@ def _parse_slow(value: str) -> int | None:
         if zone - dot > 7:
             value = value[: dot + 7] + value[zone:]
     try:
-        return int(datetime.fromisoformat(value).timestamp() * 1000)
+        return int(datetime.fromisoformat(value).timestamp() * 1000) - shift
     except ValueError:
         return None
 
