@@ -14,6 +14,7 @@ each state's stored ``pos`` makes the replay exactly-once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -276,14 +277,50 @@ class JourneyStage:
         counts = self.processor.active_by_stage()
         for stage in ("none", "awareness", "consideration", "purchase", "retention", "advocacy"):
             metrics.JOURNEYS_ACTIVE.labels(stage).set(counts.get(stage, 0))
+        self.report_lag()
+
+    def report_lag(self) -> None:
+        """Consumer lag of the validated stream, per assigned partition.
+
+        High watermark (cached by the client from its latest fetch: no broker
+        call) minus the offset after the last bundle handled, or the committed
+        offset before the first one. Partitions without either are skipped.
+        """
+        consumer = self.app.consumer
+        committed = getattr(consumer, "_committed_offset", {})  # Faust's, set on assignment
+        topic = self.source.get_topic_name()
+        group = self.settings.worker.app_id
+        for tp in self.app.assignor.assigned_actives():
+            if tp.topic != topic:
+                continue
+            handled = self._handled.get(tp.partition)
+            next_offset = handled + 1 if handled is not None else None
+            if next_offset is None:
+                next_offset = committed.get(tp)
+            try:
+                high = consumer.highwater(tp)
+            except Exception:  # not assigned any more (rebalance in progress)
+                continue
+            if high is None or next_offset is None:
+                continue
+            metrics.CONSUMER_LAG.labels(group, topic, str(tp.partition)).set(
+                max(0, high - next_offset)
+            )
 
     async def on_revoked(self, app: Any, revoked: set[Any], **_kw: Any) -> None:
         if self.processor is None:
             return
         await self.flush()
+        topic = self.source.get_topic_name()
         for tp in revoked:
-            if tp.topic == self.source.get_topic_name():
+            if tp.topic == topic:
                 self.processor.drop_partition(tp.partition)
+                self._handled.pop(tp.partition, None)
+                # Another worker reports this partition's lag from now on.
+                with contextlib.suppress(KeyError):
+                    metrics.CONSUMER_LAG.remove(
+                        self.settings.worker.app_id, topic, str(tp.partition)
+                    )
 
     def stats(self) -> dict[str, Any]:
         """Counters for benchmarks and operators (this worker only)."""

@@ -13,6 +13,7 @@ message, and Faust's per-message cost (~165 us) would cap ingest at ~6k/s.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -295,6 +296,7 @@ class IngestWorker:
         self.rejected_total = 0
         self.by_channel: Counter[str] = Counter()
         self.by_reason: Counter[str] = Counter()
+        self._lag_reported_at = 0.0
 
     def _produce(self, topic: str, value: bytes, batch: _InFlight, **kwargs: Any) -> None:
         def delivered(err: KafkaError | None, _msg: Message) -> None:
@@ -325,6 +327,7 @@ class IngestWorker:
         if not messages:
             self._mark_ends()
             self._emit(int(self.clock() * 1000))
+            self._report_lag()
             return 0
         started = time.perf_counter()
         data = []
@@ -341,7 +344,32 @@ class IngestWorker:
         self._mark_ends()
         bundles = self._emit(now_ms, result.dead)
         self._record(result, bundles, time.perf_counter() - started, now_ms)
+        self._report_lag()
         return len(messages)
+
+    def _report_lag(self, every_s: float = 1.0) -> None:
+        """Consumer lag per raw partition, at most once per ``every_s``.
+
+        High watermark cached by librdkafka from its latest fetch (no broker
+        round trip) minus the next offset to read. A partition paused by
+        alignment fetches nothing, so its watermark (and lag) is the one from
+        before the pause.
+        """
+        now = time.monotonic()
+        if now - self._lag_reported_at < every_s:
+            return
+        self._lag_reported_at = now
+        watermarks = self.consumer.get_watermark_offsets
+        group = self.settings.group_id
+        for (topic, partition), next_offset in self._next.items():
+            try:
+                _low, high = watermarks(TopicPartition(topic, partition), cached=True)
+            except KafkaException:
+                continue
+            if high >= 0:
+                metrics.CONSUMER_LAG.labels(group, topic, str(partition)).set(
+                    max(0, high - next_offset)
+                )
 
     def _emit(self, now_ms: int, dead: list[tuple[bytes | None, bytes]] = ()) -> int:  # type: ignore[assignment]
         """Send what alignment releases (and dead letters); returns bundles sent."""
@@ -471,6 +499,9 @@ class IngestWorker:
         self.aligner.revoked([(tp.topic, tp.partition) for tp in partitions])
         for tp in partitions:
             self._next.pop((tp.topic, tp.partition), None)
+            # Another consumer reports this partition's lag from now on.
+            with contextlib.suppress(KeyError):
+                metrics.CONSUMER_LAG.remove(self.settings.group_id, tp.topic, str(tp.partition))
         self._paused.difference_update((tp.topic, tp.partition) for tp in partitions)
 
     def _record(self, result: IngestResult, bundles: int, seconds: float, now_ms: int) -> None:

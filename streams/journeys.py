@@ -314,11 +314,27 @@ class JourneyProcessor:
                 )
                 part.meta_dirty = True
         self.counts["signals"] += len(fx.signals)
-        for summary in fx.closed:
-            output.record(topics.journeys, summary["customer_id"], jsonio.dumps(summary))
-            metrics.JOURNEYS_COMPLETED.labels(summary["outcome"]).inc()
-            metrics.JOURNEY_DURATION.observe(summary["duration_ms"] / 1000)
-            metrics.JOURNEY_LENGTH.observe(summary["touchpoint_count"])
+        if fx.closed:
+            # Counted per call, not per journey: one metrics call per label value.
+            outcomes: Counter[str] = Counter()
+            furthest: Counter[str] = Counter()
+            carts: Counter[str] = Counter()
+            for summary in fx.closed:
+                output.record(topics.journeys, summary["customer_id"], jsonio.dumps(summary))
+                outcomes[summary["outcome"]] += 1
+                furthest[summary["stage_furthest"] or "none"] += 1
+                carts[summary["cart"]["status"]] += 1
+                metrics.JOURNEY_DURATION.observe(summary["duration_ms"] / 1000)
+                metrics.JOURNEY_LENGTH.observe(summary["touchpoint_count"])
+            for outcome, n in outcomes.items():
+                metrics.JOURNEYS_COMPLETED.labels(outcome).inc(n)
+            for stage, n in furthest.items():
+                metrics.JOURNEY_FURTHEST_STAGE.labels(stage).inc(n)
+            for status, n in carts.items():
+                if status != "none":
+                    metrics.JOURNEY_CARTS.labels(status).inc(n)
+        for (survey, channel, score), n in fx.surveys.items():
+            metrics.SURVEY_RESPONSES.labels(survey, channel, str(score)).inc(n)
         for late in fx.late:
             tp = late.touchpoint
             output.record(topics.late, tp.key, jsonio.dumps(self._late_record(late)))

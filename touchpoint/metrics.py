@@ -36,6 +36,14 @@ INGEST_PAUSED = Gauge(
     "touchpoint_ingest_paused_partitions",
     "Raw partitions paused because they ran ahead in event time (alignment).",
 )
+# Both consumers: ingest (raw topics) and the worker (validated stream).
+CONSUMER_LAG = Gauge(
+    "touchpoint_consumer_lag_messages",
+    "Messages not yet processed: high watermark minus the next offset to process, "
+    "by consumer group, topic and partition (refreshed about every second by ingest, "
+    "every few seconds by the worker, from the client's cached watermarks).",
+    ["group", "topic", "partition"],
+)
 INGEST_EVENT_TIME_LAG = Gauge(
     "touchpoint_ingest_event_time_lag_seconds",
     "Wall clock minus the newest event time seen by ingest in its last batch.",
@@ -60,6 +68,22 @@ JOURNEYS_ACTIVE = Gauge(
 )
 JOURNEYS_COMPLETED = Counter(
     "touchpoint_journeys_completed_total", "Closed journeys by outcome.", ["outcome"]
+)
+JOURNEY_FURTHEST_STAGE = Counter(
+    "touchpoint_journeys_furthest_stage_total",
+    "Closed journeys by the furthest stage they reached (none, awareness ... advocacy): the funnel.",
+    ["stage"],
+)
+JOURNEY_CARTS = Counter(
+    "touchpoint_journey_carts_total",
+    "Closed journeys that had a cart, by how it ended (purchased, abandoned): cart abandonment.",
+    ["status"],
+)
+SURVEY_RESPONSES = Counter(
+    "touchpoint_survey_responses_total",
+    "Survey responses applied to journeys, by survey (nps, csat, ces), channel and score "
+    "(NPS 0-10, CSAT 1-5, CES 1-7: a bounded label).",
+    ["survey", "channel", "score"],
 )
 JOURNEY_DURATION = Histogram(
     "touchpoint_journey_duration_seconds",

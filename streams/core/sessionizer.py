@@ -90,6 +90,8 @@ class Effects:
     transitions: dict[tuple[int, int], int] = field(default_factory=dict)
     # Journeys whose live view changed: key -> state (None when forgotten/expired).
     touched: dict[str, CustomerState | None] = field(default_factory=dict)
+    # (survey kind, channel, score) -> survey responses applied (the KPI metrics).
+    surveys: dict[tuple[str, str, int], int] = field(default_factory=dict)
 
 
 class _MergePayload(msgspec.Struct, array_like=True):
@@ -246,7 +248,7 @@ class Sessionizer:
             return
         journey = self._place(state, ts, event.channel, event.event_id)
         before = journey.last_staged[2] if journey.last_staged else -1
-        self._add(journey, tp)
+        self._add(journey, tp, fx)
         after = journey.last_staged[2] if journey.last_staged else -1
         if after != before:
             move = (before, after)
@@ -298,7 +300,7 @@ class Sessionizer:
                 journeys.remove(other)
         return target
 
-    def _add(self, j: Journey, tp: Touchpoint) -> None:
+    def _add(self, j: Journey, tp: Touchpoint, fx: Effects) -> None:
         ts = tp.ts
         stage = tp.stage
         event = tp.event
@@ -345,9 +347,9 @@ class Sessionizer:
         ):
             j.anonymous_ids.append(aid)
         if event.event_type in _BUSINESS:
-            self._business(j, tp)
+            self._business(j, tp, fx)
 
-    def _business(self, j: Journey, tp: Touchpoint) -> None:
+    def _business(self, j: Journey, tp: Touchpoint, fx: Effects) -> None:
         event = tp.event
         etype = event.event_type
         get = properties_of(event).get
@@ -374,6 +376,8 @@ class Sessionizer:
             if isinstance(kind, str) and isinstance(score, int):
                 bisect.insort(j.surveys, (tp.ts, kind, score, event.channel))
                 del j.surveys[self.config.max_surveys :]
+                counted = (kind, event.channel, score)
+                fx.surveys[counted] = fx.surveys.get(counted, 0) + 1
 
     def _merge_into(self, target: Journey, other: Journey) -> None:
         """Merge ``other`` into ``target``: every aggregate is a sum, min, max or union."""
