@@ -425,9 +425,11 @@ class AlertStage:
                 overrides=self.rules.spike_overrides,
                 state=state,
             )
-            for key in self.aggregator.firing():
-                rule, channel = key.split("|")
-                metrics.ALERTS_FIRING.labels(rule, channel).set(1)
+            # Every series exists from the start (0: not firing), so dashboards
+            # and alert rules see "not firing" rather than "no data".
+            firing = self.aggregator.firing()
+            for rule, channel in series:
+                metrics.ALERTS_FIRING.labels(rule, channel).set(int(f"{rule}|{channel}" in firing))
         return self.aggregator
 
     async def consume(self, stream: Any) -> None:
@@ -453,6 +455,9 @@ class AlertStage:
             for key, detector in aggregator.state.detectors.items():
                 rule, channel = key.split("|")
                 metrics.ALERT_BASELINE.labels(rule, channel).set(round(detector.mean, 3))
+            for key, count in aggregator.last_counts.items():
+                rule, channel = key.split("|")
+                metrics.ALERT_WINDOW_SIGNALS.labels(rule, channel).set(count)
             if alerts:
                 # Delivered before the state that says "this window is done" is saved.
                 await asyncio.get_running_loop().run_in_executor(None, self.output.flush)

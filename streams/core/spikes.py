@@ -165,6 +165,8 @@ class WindowAggregator:
         self.max_windows_per_step = max_windows_per_step
         self._heard: dict[int, float] = {}
         self._started = wall()
+        # series -> signals in the latest closed window (for metrics; not persisted).
+        self.last_counts: dict[str, int] = {}
 
     def update(self, partial: Partial) -> None:
         """A partition's latest report (cumulative: replacing is idempotent)."""
@@ -246,6 +248,7 @@ class WindowAggregator:
                 self.detector.sigma(detector),
                 self.detector.threshold(detector),
             )
+            self.last_counts[key] = total.count
             transition = self.detector.observe(detector, total.count)
             if transition is not None:
                 alerts.append(
