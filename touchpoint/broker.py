@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from touchpoint import shutdown
 from touchpoint.errors import BrokerError
 
 
@@ -60,11 +61,19 @@ class EmbeddedBroker:
     """A Tansu broker on a loopback port; use as a context manager or call start/stop."""
 
     def __init__(
-        self, port: int | None = None, host: str = "127.0.0.1", log_path: Path | None = None
+        self,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        log_path: Path | None = None,
+        *,
+        die_with_parent: bool = False,
     ):
         self.host = host
         self.port = port or free_port(host)
         self.log_path = log_path
+        # Commands (demo, broker) set this so Tansu stops even if they are
+        # SIGKILLed; fixtures that may start it from a short-lived thread don't.
+        self.die_with_parent = die_with_parent
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -89,7 +98,10 @@ class EmbeddedBroker:
             stderr=subprocess.STDOUT,
             env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
             start_new_session=True,
+            preexec_fn=shutdown.die_with_parent() if self.die_with_parent else None,
         )
+        if self.log_path:
+            log.close()  # the child has its own copy
         try:
             wait_for_port(self.host, self.port)
         except BrokerError:

@@ -432,16 +432,23 @@ def simulate(
 @main.command()
 @click.option("--port", default=9092, show_default=True)
 def broker(port: int) -> None:
-    """Run the embedded Kafka-compatible broker (Tansu, in memory) in the foreground."""
-    from touchpoint.broker import EmbeddedBroker
+    """Run the embedded Kafka-compatible broker (Tansu, in memory) in the foreground.
 
-    with EmbeddedBroker(port=port) as running:
+    Ctrl-C or SIGTERM stops Tansu too (exit status 0); if Tansu dies on its own
+    the status is 1.
+    """
+    from touchpoint.broker import EmbeddedBroker
+    from touchpoint.shutdown import stop_on_signals
+
+    stop = threading.Event()
+    with stop_on_signals(stop), EmbeddedBroker(port=port, die_with_parent=True) as running:
         click.echo(f"embedded broker listening on {running.bootstrap} (Ctrl-C stops it)")
-        try:
-            while running.running():
-                time.sleep(0.5)
-        except KeyboardInterrupt:
+        while running.running() and not stop.wait(0.5):
             pass
+        crashed = not stop.is_set()
+    if crashed:
+        click.echo("error: the embedded broker stopped on its own", err=True)
+        sys.exit(1)
 
 
 # ---------------------------------------------------------------- demo
