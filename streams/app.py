@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -36,6 +37,9 @@ from touchpoint import jsonio, metrics
 from touchpoint.config import CHANNELS, KafkaSettings, Settings
 
 log = logging.getLogger(__name__)
+
+# After a crash, the process exits within this many seconds even if Faust's stop hangs.
+CRASH_EXIT_S = 30.0
 
 
 class MemoryTableStore:
@@ -161,6 +165,7 @@ class JourneyStage:
         self.flushed_touchpoints = 0  # touchpoints whose effects a completed flush persisted
         self.first_bundle_at: float | None = None
         self.last_flush_at: float | None = None
+        self.delivery_failed = False  # a flush could not deliver: never ack again
 
         app.agent(self.source, name="journeys")(self.consume)
         app.timer(worker.flush_interval_s, name="journeys.flush")(self.flush)
@@ -237,9 +242,11 @@ class JourneyStage:
 
     async def flush(self) -> None:
         """Persist state and outputs, then ack the bundles they came from."""
-        if self.processor is None:
+        if self.processor is None or self.delivery_failed:
             return
         async with self._flush_lock:
+            if self.delivery_failed:
+                return
             started = time.perf_counter()
             events, self._unacked = self._unacked, []
             covered = self.touchpoints
@@ -247,7 +254,14 @@ class JourneyStage:
             try:
                 await asyncio.get_running_loop().run_in_executor(None, self.output.flush)
             except Exception as exc:
-                log.error("could not deliver state/outputs; crashing to replay: %s", exc)
+                # Acking anything after this could commit past the undelivered
+                # records, so this worker stops for good and a restart replays
+                # from the last commit. Faust's graceful stop can hang when the
+                # broker is gone (rebalance and shutdown handlers wait on it):
+                # the watchdog makes sure the process exits for its supervisor.
+                self.delivery_failed = True
+                log.error("could not deliver state/outputs; exiting to replay: %s", exc)
+                _exit_after(CRASH_EXIT_S)
                 await self.app.crash(exc)
                 return
             for event in events:
@@ -465,6 +479,18 @@ class AlertStage:
 
 
 _partial_decoder = msgspec.json.Decoder(Partial)
+
+
+def _exit_after(seconds: float, code: int = 1) -> None:
+    """Exit the process with ``code`` in ``seconds`` unless it has exited by then."""
+
+    def watchdog() -> None:
+        time.sleep(seconds)
+        log.critical("worker did not stop within %.0f s of a crash; exiting now", seconds)
+        logging.shutdown()
+        os._exit(code)
+
+    threading.Thread(target=watchdog, name="crash-watchdog", daemon=True).start()
 
 
 def create_app(

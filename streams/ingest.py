@@ -40,9 +40,12 @@ from streams.core.alignment import Aligner, Held
 from streams.core.stages import STAGE_BY_TYPE, stage_of
 from touchpoint import metrics
 from touchpoint.config import IngestSettings, KafkaSettings, TopicSettings
+from touchpoint.producer import StallWatch
 from touchpoint.topics import ensure_topics, partition_count
 
 log = logging.getLogger(__name__)
+
+_PURGED = (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT)
 
 
 class RawMessage(Protocol):
@@ -256,15 +259,16 @@ class IngestWorker:
         self.clock = clock
         if create_topics:
             ensure_topics(kafka, topics)
-        self.producer = Producer(
-            {
-                **kafka.librdkafka(),
-                "enable.idempotence": True,
-                "linger.ms": 5,
-                "batch.size": 1_000_000,
-                "queue.buffering.max.messages": 500_000,
-            }
-        )
+        self._producer_config = {
+            **kafka.librdkafka(),
+            "enable.idempotence": True,
+            "linger.ms": 5,
+            "batch.size": 1_000_000,
+            "queue.buffering.max.messages": 500_000,
+        }
+        self.producer = Producer(self._producer_config)
+        self._watch = StallWatch()
+        self._stop = threading.Event()
         partitions = partition_count(self.producer, topics.validated)
         self.ingestor = Ingestor(
             EventDecoder(
@@ -299,11 +303,16 @@ class IngestWorker:
         self._lag_reported_at = 0.0
 
     def _produce(self, topic: str, value: bytes, batch: _InFlight, **kwargs: Any) -> None:
+        watch = self._watch
+
         def delivered(err: KafkaError | None, _msg: Message) -> None:
             batch.pending -= 1
-            if err is not None:
+            if err is None:
+                watch.progress()
+            else:
                 batch.failed = True
-                log.error("delivery failed: %s", err)
+                if err.code() not in _PURGED:
+                    log.error("delivery failed: %s", err)
 
         batch.pending += 1
         while True:
@@ -312,6 +321,23 @@ class IngestWorker:
                 return
             except BufferError:
                 self.producer.poll(0.05)
+                self._check_stall()
+
+    def _check_stall(self) -> None:
+        if self._watch.stalled(self.producer):
+            log.warning(
+                "ingest output delivered nothing for %.0f s while the broker answers "
+                "(it may have lost this producer's id in a restart): new producer",
+                self._watch.after_s,
+            )
+            self._new_producer()
+
+    def _new_producer(self) -> None:
+        """Drop what the producer holds (its batches re-read from the last commit) and replace it."""
+        old = self.producer
+        old.purge(in_queue=True, in_flight=True, blocking=False)
+        old.flush(10)  # serves the purge reports: their batches are marked failed
+        self.producer = Producer(self._producer_config)
 
     def run_once(self, timeout: float | None = None) -> int:
         """Process one batch; returns the number of messages read.
@@ -460,12 +486,16 @@ class IngestWorker:
         """
         inflight = self._inflight
         self.producer.poll(0)
+        if inflight:
+            self._check_stall()
         while inflight:
             head = inflight[0]
             if head.failed:
                 log.error("could not deliver ingest output; re-reading from the last commit")
                 metrics.INGEST_RETRIES.inc()
-                self.producer.flush(30)
+                # Whatever is still queued is re-read too: drop it rather than
+                # wait for it (a producer stuck on a lost id never delivers).
+                self._new_producer()
                 inflight.clear()
                 self._rewind()
                 # Held events are re-read from the last commit too.
@@ -475,6 +505,7 @@ class IngestWorker:
                 if not block and len(inflight) <= self.max_in_flight:
                     return
                 self.producer.poll(0.05)
+                self._check_stall()
                 continue
             if head.positions:
                 self.consumer.commit(offsets=head.positions, asynchronous=True)
@@ -520,15 +551,26 @@ class IngestWorker:
         self.rejected_total += len(result.dead)
 
     def _rewind(self) -> None:
-        """Seek every assigned partition back to its committed offset."""
+        """Seek every assigned partition back to its committed offset.
+
+        Waits for the broker if it is away (logged), unless ingest is stopping.
+        """
         assignment = self.consumer.assignment()
-        for tp in self.consumer.committed(assignment, timeout=30):
+        while True:
+            try:
+                committed = self.consumer.committed(assignment, timeout=10)
+                break
+            except KafkaException as exc:
+                log.warning("cannot read committed offsets to re-read from (%s); retrying", exc)
+                if self._stop.wait(1.0):
+                    return
+        for tp in committed:
             offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
             self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
 
     def run(self, stop: threading.Event | None = None) -> None:
         """Run until ``stop`` is set, then commit and close."""
-        stop = stop or threading.Event()
+        stop = self._stop = stop or self._stop
         log.info(
             "ingest: %s -> %s (dead letters: %s)",
             ",".join(self.topics.raw_topics),

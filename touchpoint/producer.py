@@ -9,10 +9,11 @@ key. Keys are the customer id, else the anonymous id.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from typing import Any
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from msgspec import UNSET
 
 from schemas.decoder import EventDecoder, Rejection
@@ -21,6 +22,8 @@ from touchpoint.config import KafkaSettings, TopicSettings
 from touchpoint.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+_PURGED = (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT)
 
 # Channel -> source system (raw topic suffix). Ads and social touchpoints are
 # collected by the website's tracking.
@@ -47,6 +50,42 @@ def producer_config(kafka: KafkaSettings, **overrides: Any) -> dict[str, Any]:
     }
 
 
+class StallWatch:
+    """Notices a producer that delivers nothing for ``after_s`` while the broker answers.
+
+    A broker that lost its producer-id state (Tansu with memory storage after a
+    restart, or a cluster rebuilt from scratch) answers every write of an
+    idempotent producer's old id with UNKNOWN_PRODUCER_ID, and librdkafka
+    retries that forever instead of asking for a new id. Only a new client
+    gets one. Durable Kafka keeps producer state across restarts, so there it
+    fires only if the cluster answers metadata requests but takes no writes
+    for ``after_s``; a new client does no harm then. While the broker does
+    not answer at all, nothing is stalled: librdkafka buffers and reconnects.
+    """
+
+    def __init__(self, after_s: float = 15.0) -> None:
+        self.after_s = after_s
+        self.last_progress = time.monotonic()
+
+    def progress(self) -> None:
+        """Something was delivered (call from delivery reports)."""
+        self.last_progress = time.monotonic()
+
+    def stalled(self, producer: Producer) -> bool:
+        now = time.monotonic()
+        if len(producer) == 0:
+            self.last_progress = now
+            return False
+        if now - self.last_progress < self.after_s:
+            return False
+        self.last_progress = now  # check again after another after_s at the earliest
+        try:
+            producer.list_topics(timeout=5)
+        except KafkaException:
+            return False  # the broker is away: keep buffering
+        return True
+
+
 class TouchpointProducer:
     """Publishes touchpoint events to raw topics after validating them.
 
@@ -64,17 +103,55 @@ class TouchpointProducer:
     ) -> None:
         self.topics = topics
         self.decoder = decoder or EventDecoder()
-        self._producer = Producer(producer_config(kafka, **config))
+        self._config = producer_config(kafka, **config)
+        self._producer = Producer(self._config)
         self.delivered = 0
         self.failed = 0
+        self.renewed = 0  # times the client was replaced (see StallWatch)
         self.rejected: Counter[str] = Counter()
+        self._watch = StallWatch()
+        self._requeue: list[tuple[str, bytes, bytes | None]] | None = None
+        self._sends = 0
 
-    def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is None:
             self.delivered += 1
+            self._watch.progress()
+        elif self._requeue is not None and err.code() in _PURGED:
+            self._requeue.append((msg.topic(), msg.value(), msg.key()))  # type: ignore[arg-type]
         else:
             self.failed += 1
             log.error("delivery failed: %s", err)
+
+    def _check_stall(self) -> None:
+        if self._watch.stalled(self._producer):
+            self.renew()
+
+    def renew(self) -> int:
+        """Replace the client, re-queueing what it had not delivered; returns that number.
+
+        Messages that were in flight may have been written already: they can
+        arrive twice (at-least-once; journeys count an event once by id).
+        """
+        old = self._producer
+        requeue: list[tuple[str, bytes, bytes | None]] = []
+        self._requeue = requeue
+        try:
+            old.purge(in_queue=True, in_flight=True, blocking=False)
+            old.flush(10)  # serves the purge reports, which fill ``requeue``
+        finally:
+            self._requeue = None
+        self._producer = Producer(self._config)
+        self.renewed += 1
+        log.warning(
+            "producer delivered nothing for %.0f s while the broker answers (it may have lost "
+            "this producer's id in a restart): new client, %d message(s) re-queued",
+            self._watch.after_s,
+            len(requeue),
+        )
+        for topic, value, key in requeue:
+            self._produce(topic, value, key)
+        return len(requeue)
 
     def topic_for(self, source: str) -> str:
         if source not in self.topics.sources:
@@ -98,17 +175,29 @@ class TouchpointProducer:
 
     def send_raw(self, topic: str, value: bytes, key: bytes | None = None) -> None:
         """Queue bytes as they are, without validation (tests, replays of raw topics)."""
+        self._produce(topic, value, key)
+        self._producer.poll(0)
+        self._sends += 1
+        if not self._sends & 1023:
+            self._check_stall()
+
+    def _produce(self, topic: str, value: bytes, key: bytes | None) -> None:
         while True:
             try:
                 self._producer.produce(topic, value, key=key, on_delivery=self._on_delivery)
-                break
-            except BufferError:
+                return
+            except BufferError:  # queue full (broker slow or away): wait for room
                 self._producer.poll(0.05)
-        self._producer.poll(0)
+                self._check_stall()
 
     def flush(self, timeout: float = 30.0) -> int:
         """Wait for delivery; returns the number of messages still undelivered."""
-        return int(self._producer.flush(timeout))
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = int(self._producer.flush(min(1.0, max(0.0, deadline - time.monotonic()))))
+            if not remaining or time.monotonic() >= deadline:
+                return remaining
+            self._check_stall()
 
     def close(self, timeout: float = 30.0) -> int:
         """Flush and release the client; returns the number of undelivered messages."""
