@@ -463,11 +463,18 @@ def broker(port: int) -> None:
 @click.option("--incident-for", default=120.0, show_default=True, help="Incident length, seconds.")
 @click.option("--duration", type=float, help="Stop after this many seconds (default: Ctrl-C).")
 @click.option(
+    "--interval",
+    default=10.0,
+    show_default=True,
+    help="Without a terminal: seconds between printed summaries.",
+)
+@click.option(
     "--bad-every",
     default=250,
     show_default=True,
     help="Inject one malformed input per N events (0: none).",
 )
+@click.option("--seed", type=int, help="Simulator seed (default: the clock).")
 @click.pass_obj
 def demo(
     settings: Settings,
@@ -475,22 +482,29 @@ def demo(
     incident_at: float,
     incident_for: float,
     duration: float | None,
+    interval: float,
     bad_every: int,
+    seed: int | None,
 ) -> None:
-    """Run everything on the embedded default: broker, ingest, simulator, live view.
+    """Run everything on one machine: broker, ingest, worker, simulator, live view.
 
-    With TOUCHPOINT_KAFKA_BOOTSTRAP_SERVERS set, uses that Kafka instead of
-    starting the embedded broker.
+    Starts the embedded broker (Tansu) unless TOUCHPOINT_KAFKA_BOOTSTRAP_SERVERS
+    is set; uses Redis if it answers. On a terminal the view redraws in place;
+    otherwise a summary is printed every --interval seconds. Ctrl-C or SIGTERM
+    stops everything (exit status 0; 1 if part of the pipeline failed).
     """
     from touchpoint.demo import Demo
 
-    Demo(
+    status = Demo(
         settings,
         rate=rate,
         incident_at=incident_at if incident_at >= 0 else None,
         incident_for=incident_for,
         bad_every=bad_every,
+        interval=interval,
+        seed=seed,
     ).run(duration)
+    sys.exit(status)
 
 
 # ---------------------------------------------------------------- bench
