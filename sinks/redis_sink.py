@@ -7,15 +7,22 @@ Writes happen on a background thread: one Lua script call per chunk of up to
 a pipeline of SET commands, whose packing runs in Python). The script needs a
 single Redis (or all keys in one slot); Redis Cluster is not supported.
 Updates are coalesced per key (only the newest value of a key is kept), so the
-buffer is bounded by the number of live customers; if Redis is down the sink
-keeps the newest values and retries with backoff. Past ``max_pending`` keys it
-drops the oldest updates and asks for a full resync once Redis is back.
+buffer is bounded by the number of customers changed meanwhile; if Redis is
+down or slow the sink keeps the newest values and retries with backoff, and
+the worker goes on processing (it never waits for Redis). Past
+``max_pending`` keys (``TOUCHPOINT_REDIS_MAX_PENDING``) it drops the oldest
+live-journey values first (a resync re-sends every live journey once Redis is
+back) and deletions only when nothing else is left (those keys then expire by
+TTL). A Redis that comes back empty (restarted without persistence, failed
+over) is noticed by its new ``run_id`` and resynced too.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from itertools import islice
 from typing import Any
 
 import redis
@@ -45,13 +52,13 @@ class RedisJourneySink:
         self,
         settings: RedisSettings,
         *,
-        max_pending: int = 1_000_000,
+        max_pending: int | None = None,
         chunk: int = 5_000,
         client: Any | None = None,
     ) -> None:
         self.settings = settings
         self.prefix = f"{settings.key_prefix}journey:"
-        self.max_pending = max_pending
+        self.max_pending = max_pending if max_pending is not None else settings.max_pending
         self.chunk = chunk
         self.client = client or redis.Redis.from_url(
             settings.url, socket_timeout=5, socket_connect_timeout=5, **settings.client_kwargs()
@@ -66,24 +73,58 @@ class RedisJourneySink:
         self.healthy = True
         self.needs_resync = False
         self.written = 0
+        self.dropped = 0
+        self._run_id: str | None = None
+        self._checked_at = 0.0
 
     def key(self, customer: str) -> str:
         return self.prefix + customer
 
-    def submit(self, updates: dict[str, bytes | None]) -> None:
-        """Queue the newest value (None: delete) per customer; never blocks on Redis."""
+    def submit(self, updates: dict[str, bytes | None], *, resync: bool = False) -> None:
+        """Queue the newest value (None: delete) per customer; never blocks on Redis.
+
+        ``resync``: these are all live journeys; if even they overflow the
+        buffer, asking for another resync would only repeat that.
+        """
         if not updates:
             return
         with self._lock:
             self._pending.update(updates)
-            overflow = len(self._pending) - self.max_pending
-            if overflow > 0:
-                for key in list(self._pending)[:overflow]:
-                    del self._pending[key]
-                self.needs_resync = True
-                metrics.REDIS_DROPPED.inc(overflow)
+            self._trim(resync)
             metrics.REDIS_PENDING.set(len(self._pending))
         self._wake.set()
+
+    def _trim(self, resync: bool = False) -> None:
+        """Keep at most ``max_pending`` keys: drop the oldest values, then the oldest deletes."""
+        pending = self._pending
+        overflow = len(pending) - self.max_pending
+        if overflow <= 0:
+            return
+        values = list(islice((k for k, v in pending.items() if v is not None), overflow))
+        for key in values:
+            del pending[key]
+        deletes = []
+        if len(values) < overflow:
+            deletes = list(pending)[: overflow - len(values)]
+            for key in deletes:
+                del pending[key]
+        if resync:
+            log.warning(
+                "more live journeys than TOUCHPOINT_REDIS_MAX_PENDING (%d): %d not re-sent",
+                self.max_pending,
+                overflow,
+            )
+        elif not self.needs_resync or deletes:
+            log.warning(
+                "Redis buffer full (%d journeys): dropped %d updates and %d deletes; "
+                "live journeys are re-sent when Redis is back",
+                self.max_pending,
+                len(values),
+                len(deletes),
+            )
+        self.needs_resync = self.needs_resync or not resync
+        self.dropped += overflow
+        metrics.REDIS_DROPPED.inc(overflow)
 
     def start(self) -> RedisJourneySink:
         self._thread = threading.Thread(target=self._run, name="redis-sink", daemon=True)
@@ -108,6 +149,7 @@ class RedisJourneySink:
         with self._lock:
             batch.update(self._pending)
             self._pending = batch
+            self._trim()
             metrics.REDIS_PENDING.set(len(batch))
 
     def write(self, batch: dict[str, bytes | None]) -> None:
@@ -122,6 +164,18 @@ class RedisJourneySink:
             )
         self.written += len(items)
         metrics.REDIS_WRITES.inc(len(items))
+
+    def _check_restart(self) -> None:
+        """Ask for a resync if Redis is a different server (restarted empty, failed over)."""
+        self._checked_at = time.monotonic()
+        try:
+            run_id = self.client.info("server").get("run_id")
+        except redis.RedisError:
+            return
+        if self._run_id is not None and run_id != self._run_id:
+            log.warning("Redis restarted or failed over (new run_id): resyncing live journeys")
+            self.needs_resync = True
+        self._run_id = run_id
 
     def _run(self) -> None:
         backoff = 0.5
@@ -148,6 +202,8 @@ class RedisJourneySink:
                     continue
                 if not self.healthy:
                     log.warning("Redis is back; caught up")
+                if not self.healthy or time.monotonic() - self._checked_at > 5.0:
+                    self._check_restart()
                 self.healthy = True
                 metrics.REDIS_UP.set(1)
                 backoff = 0.5

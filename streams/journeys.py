@@ -524,7 +524,9 @@ class JourneyProcessor:
     def resync_redis(self) -> None:
         """Re-send every live journey to Redis (after the sink dropped updates)."""
         if self.redis is not None:
-            self.redis.submit({key: self.redis_value(s) for key, s in self.cache.items()})
+            self.redis.submit(
+                {key: self.redis_value(s) for key, s in self.cache.items()}, resync=True
+            )
 
     def active_by_stage(self) -> Counter[str]:
         counts: Counter[str] = Counter()

@@ -231,6 +231,10 @@ class RedisSettings(BaseSettings):
     ssl_keyfile: str | None = None
     key_prefix: str = "touchpoint:"
     journey_ttl_s: int = Field(default=2 * 24 * 3600, ge=1)
+    # Live-journey updates buffered while Redis is down or slow (one per
+    # customer, newest wins); past this the oldest are dropped and every live
+    # journey is re-sent once Redis is back.
+    max_pending: int = Field(default=1_000_000, ge=1)
 
     def client_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``redis.Redis.from_url(self.url, **kwargs)``."""
