@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import ssl
+import urllib.parse
 from functools import cached_property
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -20,6 +21,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     ValidationInfo,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -80,6 +82,10 @@ class KafkaSettings(BaseSettings):
     def uses_ssl(self) -> bool:
         return self.security_protocol in ("SSL", "SASL_SSL")
 
+    @property
+    def uses_sasl(self) -> bool:
+        return self.security_protocol in ("SASL_PLAINTEXT", "SASL_SSL")
+
     def librdkafka(self) -> dict[str, Any]:
         """The common librdkafka (confluent-kafka) configuration."""
         conf: dict[str, Any] = {
@@ -87,12 +93,12 @@ class KafkaSettings(BaseSettings):
             "client.id": self.client_id,
             "security.protocol": self.security_protocol.lower(),
         }
-        if self.sasl_mechanism:
+        if self.uses_sasl:
+            # Only with a SASL protocol: credentials a client will not use are
+            # not handed to it (nor to its config dumps and debug logs).
             conf["sasl.mechanism"] = self.sasl_mechanism
-        if self.sasl_username:
             conf["sasl.username"] = self.sasl_username
-        if self.sasl_password:
-            conf["sasl.password"] = self.sasl_password.get_secret_value()
+            conf["sasl.password"] = self.sasl_password.get_secret_value()  # type: ignore[union-attr]
         if self.uses_ssl:
             if self.ssl_cafile:
                 conf["ssl.ca.location"] = self.ssl_cafile
@@ -139,7 +145,7 @@ class KafkaSettings(BaseSettings):
         """Broker credentials for Faust (aiokafka), or None for PLAINTEXT."""
         import faust  # local import: only the Faust worker needs it
 
-        if self.security_protocol.startswith("SASL"):
+        if self.uses_sasl:
             assert self.sasl_password is not None and self.sasl_mechanism is not None
             return faust.SASLCredentials(
                 username=self.sasl_username,
@@ -223,18 +229,55 @@ class RedisSettings(BaseSettings):
     model_config = _config("TOUCHPOINT_REDIS_")
 
     enabled: bool = True
+    # redis:// or rediss:// (TLS). A password in the URL is masked in reprs,
+    # but TOUCHPOINT_REDIS_PASSWORD keeps it out of the URL altogether.
     url: str = "redis://127.0.0.1:6379/0"
-    username: str | None = None
+    username: str | None = None  # Redis 6 ACL user
     password: SecretStr | None = None
     ssl_cafile: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
+    ssl_key_password: SecretStr | None = None
+    ssl_check_hostname: bool = True
     key_prefix: str = "touchpoint:"
     journey_ttl_s: int = Field(default=2 * 24 * 3600, ge=1)
     # Live-journey updates buffered while Redis is down or slow (one per
     # customer, newest wins); past this the oldest are dropped and every live
     # journey is re-sent once Redis is back.
     max_pending: int = Field(default=1_000_000, ge=1)
+
+    @model_validator(mode="after")
+    def _check_security(self) -> RedisSettings:
+        parts = urllib.parse.urlsplit(self.url)
+        tls_files = {
+            "ssl_cafile": self.ssl_cafile,
+            "ssl_certfile": self.ssl_certfile,
+            "ssl_keyfile": self.ssl_keyfile,
+            "ssl_key_password": self.ssl_key_password,
+        }
+        tls_set = sorted(name for name, value in tls_files.items() if value)
+        if tls_set and parts.scheme != "rediss":
+            # redis-py would fail on the first connection with a TypeError.
+            raise ValueError(f"{', '.join(tls_set)} need a rediss:// URL")
+        # redis-py lets credentials in the URL win silently over the keyword ones.
+        if parts.password and self.password:
+            raise ValueError("a password is set both in the URL and in password: choose one")
+        if parts.username and self.username:
+            raise ValueError("a username is set both in the URL and in username: choose one")
+        return self
+
+    @property
+    def redacted_url(self) -> str:
+        """The URL with any password replaced by ``**********`` (safe to print)."""
+        return redact_url(self.url)
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield name, self.redacted_url if name == "url" else value
+
+    @field_serializer("url", when_used="json")
+    def _serialize_url(self, url: str) -> str:
+        return redact_url(url)  # as SecretStr fields: masked in JSON dumps
 
     def client_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``redis.Redis.from_url(self.url, **kwargs)``."""
@@ -249,7 +292,21 @@ class RedisSettings(BaseSettings):
             kwargs["ssl_certfile"] = self.ssl_certfile
         if self.ssl_keyfile:
             kwargs["ssl_keyfile"] = self.ssl_keyfile
+        if self.ssl_key_password:
+            kwargs["ssl_password"] = self.ssl_key_password.get_secret_value()
+        if urllib.parse.urlsplit(self.url).scheme == "rediss":
+            kwargs["ssl_check_hostname"] = self.ssl_check_hostname
         return kwargs
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``**********``."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:**********@{host}"))
 
 
 class IngestSettings(BaseSettings):
