@@ -33,7 +33,7 @@ from confluent_kafka import (
 )
 from msgspec import UNSET, Raw
 
-from schemas.decoder import EventDecoder, Rejected, Rejection, _heads, _tails
+from schemas.decoder import REASONS, EventDecoder, Rejected, Rejection, _heads, _tails
 from sinks import deadletter
 from streams.bundles import Link, Partitioner, encode_bundle
 from streams.core.alignment import Aligner, Held
@@ -270,6 +270,11 @@ class IngestWorker:
         self._watch = StallWatch()
         self._stop = threading.Event()
         partitions = partition_count(self.producer, topics.validated)
+        # Every (source, reason) series exists from the start at 0, so the first
+        # dead letters show as an increase (see JourneyProcessor._zero_metrics).
+        for source in topics.sources:
+            for reason in REASONS:
+                metrics.EVENTS_REJECTED.labels(source, reason)
         self.ingestor = Ingestor(
             EventDecoder(
                 max_payload_bytes=settings.max_payload_bytes,

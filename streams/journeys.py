@@ -39,13 +39,13 @@ from streams.bundles import (
     properties_of,
 )
 from streams.core.clock import StreamClock, iso_ms
-from streams.core.journey import CustomerState, decode_state, encode_state, journey_view
+from streams.core.journey import OUTCOMES, CustomerState, decode_state, encode_state, journey_view
 from streams.core.rules import SpikeConfig
 from streams.core.sessionizer import Effects, Sessionizer
 from streams.core.spikes import WindowCounter
 from streams.core.stages import STAGES
 from touchpoint import jsonio, metrics
-from touchpoint.config import TopicSettings
+from touchpoint.config import CHANNELS, TopicSettings
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,25 @@ class JourneyProcessor:
         self.counts: Counter[str] = Counter()
         # Encoded state size of customers with one open journey, by its touchpoints kept.
         self.state_sizes: dict[int, list[int]] = {}  # touchpoints -> [states, bytes]
+        self._zero_metrics()
+
+    def _zero_metrics(self) -> None:
+        """Create the series of known label values at 0.
+
+        Prometheus sees a counter's first increase only if it scraped the
+        series before: one born at 5 reads as "no change" to rate().
+        """
+        for outcome in OUTCOMES:
+            metrics.JOURNEYS_COMPLETED.labels(outcome)
+        for stage in ("none", *STAGES):
+            metrics.JOURNEY_FURTHEST_STAGE.labels(stage)
+        for status in ("purchased", "abandoned"):
+            metrics.JOURNEY_CARTS.labels(status)
+        rules = self.sessionizer.rules
+        for channel in CHANNELS:
+            metrics.EVENTS_LATE.labels(channel)
+            for rule in rules.by_name if rules is not None else ():
+                metrics.FRICTION_SIGNALS.labels(rule, channel)
 
     # ------------------------------------------------------------ partitions
     def load_partition(self, partition: int) -> PartitionState:
