@@ -100,7 +100,7 @@ class EmbeddedBroker:
             start_new_session=True,
             preexec_fn=shutdown.die_with_parent() if self.die_with_parent else None,
         )
-        if self.log_path:
+        if not isinstance(log, int):
             log.close()  # the child has its own copy
         try:
             wait_for_port(self.host, self.port)
