@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-APT_TOOLS := kcat:kcat promtool:prometheus amtool:prometheus-alertmanager
+APT_TOOLS := kcat:kcat promtool:prometheus prometheus:prometheus amtool:prometheus-alertmanager
 
 .PHONY: demo test bench lint typecheck install system-deps clean
 
@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # Debian packages the tests use as real peers: kcat (a foreign Kafka client),
-# promtool/amtool (rule and config checks). Installed only when missing.
+# promtool/amtool (rule and config checks), prometheus (the dashboard test
+# scrapes real processes with it). Installed only when missing.
 system-deps:
 	@missing=""; for pair in $(APT_TOOLS); do \
 	  cmd=$${pair%%:*}; pkg=$${pair##*:}; \
