@@ -165,17 +165,29 @@ class RedisJourneySink:
         self.written += len(items)
         metrics.REDIS_WRITES.inc(len(items))
 
-    def _check_restart(self) -> None:
-        """Ask for a resync if Redis is a different server (restarted empty, failed over)."""
+    def _check_restart(self) -> bool:
+        """Ask for a resync if Redis is a different server (restarted empty, failed over).
+
+        Returns whether Redis answered.
+        """
         self._checked_at = time.monotonic()
         try:
             run_id = self.client.info("server").get("run_id")
         except redis.RedisError:
-            return
+            return False
         if self._run_id is not None and run_id != self._run_id:
             log.warning("Redis restarted or failed over (new run_id): resyncing live journeys")
             self.needs_resync = True
         self._run_id = run_id
+        return True
+
+    def _idle_check(self) -> None:
+        """With nothing to write, still notice Redis going away, coming back or restarting."""
+        up = self._check_restart()
+        if up != self.healthy:
+            log.warning("Redis is back" if up else "Redis unavailable (idle check)")
+        self.healthy = up
+        metrics.REDIS_UP.set(int(up))
 
     def _run(self) -> None:
         backoff = 0.5
@@ -183,6 +195,8 @@ class RedisJourneySink:
             self._wake.wait(1.0)
             self._wake.clear()
             batch = self._take()
+            if not batch and not self._stop.is_set() and time.monotonic() - self._checked_at > 5:
+                self._idle_check()
             if batch:
                 try:
                     self.write(batch)
