@@ -352,6 +352,10 @@ class JourneyStage:
                 n: round(total / states) for n, (states, total) in sorted(sizes.items())
             },
             "redis_written": self.redis.written if self.redis else 0,
+            "redis_pending": len(self.redis._pending) if self.redis else 0,
+            # Soak tests watch these for leaks (python -m touchpoint.soak).
+            "asyncio_tasks": len(asyncio.all_tasks()),
+            "threads": threading.active_count(),
             "alerts_sent": self.alerting.alerts_sent if self.alerting else 0,
             "alerts_firing": (
                 self.alerting.aggregator.firing()
