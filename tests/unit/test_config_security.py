@@ -12,9 +12,7 @@ show in reprs, JSON dumps or configuration errors.
 
 from __future__ import annotations
 
-import shutil
 import ssl
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ from confluent_kafka import Consumer, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
+from tests.certs import make_certs
 from touchpoint.config import (
     CollectorSettings,
     KafkaSettings,
@@ -41,22 +40,7 @@ SECRETS = (SASL_PASSWORD, KEY_PASSWORD, REDIS_PASSWORD, TOKEN)
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """A CA, a client certificate it signed, and the client key encrypted with KEY_PASSWORD."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is needed to make test certificates")
-    d = tmp_path_factory.mktemp("certs")
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
-
-    openssl("req", "-x509", *ec, "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
-            "-subj", "/CN=touchpoint-test-ca", "-days", "2")  # fmt: skip
-    openssl("req", "-new", *ec, "-keyout", "client.key", "-passout", f"pass:{KEY_PASSWORD}",
-            "-out", "client.csr", "-subj", "/CN=touchpoint-client")  # fmt: skip
-    openssl("x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", "client.pem", "-days", "2")  # fmt: skip
-    return {name: str(d / f"{name}") for name in ("ca.pem", "client.pem", "client.key")}
+    return make_certs(tmp_path_factory.mktemp("certs"), KEY_PASSWORD)
 
 
 def kafka_env(
