@@ -458,8 +458,22 @@ class AlertStage:
             except (msgspec.DecodeError, msgspec.ValidationError):
                 log.error("ignoring a corrupt signal-count report at %s", event.message.offset)
                 continue
+            late, silent = aggregator.late_signals, set(aggregator.silent)
             before = aggregator.state.last_closed
             alerts = aggregator.close_ready()
+            if aggregator.late_signals > late:
+                metrics.ALERT_LATE_SIGNALS.inc(aggregator.late_signals - late)
+                log.warning(
+                    "%d signal(s) reported after their window closed (total %d)",
+                    aggregator.late_signals - late,
+                    aggregator.late_signals,
+                )
+            if aggregator.silent != silent:
+                metrics.ALERT_SILENT_PARTITIONS.set(len(aggregator.silent))
+                log.warning(
+                    "signal-count reports silent for partitions %s: windows close without them",
+                    sorted(aggregator.silent),
+                )
             if aggregator.state.last_closed == before:
                 continue
             for alert in alerts:

@@ -219,14 +219,24 @@ class JourneyProcessor:
     def _schedule(self, part: PartitionState, state: CustomerState) -> None:
         """Make sure the key's earliest deadline is on the partition's heap.
 
-        A key already on the heap keeps its entry: deadlines only move later as
-        events arrive, and an entry that pops early is simply rescheduled.
+        A key keeps its entry while the new deadline is not earlier (an entry
+        that pops early is simply rescheduled). Deadlines can move earlier: a
+        customer whose state waits for its 30-day expiry comes back and opens
+        a journey, or a new cart starts a shorter absence deadline. Then a new
+        entry is pushed and the old one is skipped when it pops (superseded);
+        the heap is rebuilt when such stale entries pile up.
         """
-        if state.key in part.scheduled:
-            return
         deadline = self.sessionizer.next_deadline(state)
-        part.scheduled[state.key] = deadline
-        heapq.heappush(part.heap, (deadline, state.key))
+        key = state.key
+        existing = part.scheduled.get(key)
+        if existing is not None and existing <= deadline:
+            return
+        part.scheduled[key] = deadline
+        heap = part.heap
+        heapq.heappush(heap, (deadline, key))
+        if len(heap) > 2 * len(part.scheduled) + 1024:
+            part.heap = [(d, k) for k, d in part.scheduled.items()]
+            heapq.heapify(part.heap)
 
     # ------------------------------------------------------------ bundles
     def handle(self, partition: int, offset: int, value: bytes) -> int:
@@ -279,8 +289,12 @@ class JourneyProcessor:
                 sessionizer.merge(state, item, now, fx)
             else:
                 self._forget(state, item, fx)
-                continue
-            self._schedule(part, state)
+        # Once per customer touched by the bundle (a deadline can move earlier).
+        cache = self.cache
+        for key in fresh:
+            state = cache.get(key)
+            if state is not None:
+                self._schedule(part, state)
         if max_ts:
             part.clock.observe(max_ts)
             part.meta_dirty = True
@@ -413,13 +427,13 @@ class JourneyProcessor:
 
     def _sweep(self, part: PartitionState) -> int:
         now = part.clock.now()
-        heap = part.heap
-        if not heap or heap[0][0] > now:
+        if not part.heap or part.heap[0][0] > now:
             return 0
         fx = Effects()
         due = 0
-        while heap and heap[0][0] <= now:
-            deadline, key = heapq.heappop(heap)
+        # part.heap, not a local: _schedule may rebuild it.
+        while part.heap and part.heap[0][0] <= now:
+            deadline, key = heapq.heappop(part.heap)
             if part.scheduled.get(key) != deadline:
                 continue  # superseded by an earlier deadline
             del part.scheduled[key]

@@ -112,6 +112,7 @@ class Pipeline:
         redis: RedisSettings,
         unique: str,
         tmp: Path,
+        start_ingest: bool = True,
         **journey: str,
     ) -> None:
         self.kafka = kafka
@@ -144,8 +145,14 @@ class Pipeline:
             create_topics=False,
         )
         self._thread = threading.Thread(target=self.ingest.run, args=(self._stop,), daemon=True)
-        self._thread.start()
+        if start_ingest:
+            self._thread.start()
         self.producer = TouchpointProducer(kafka, topics)
+
+    def start_ingest(self) -> None:
+        """Start ingest late: what was sent before is a recorded backlog, read as a replay."""
+        if not self._thread.is_alive():
+            self._thread.start()
 
     def worker(self) -> WorkerProcess:
         worker = WorkerProcess(self.env, self.tmp / f"worker-{len(self.workers)}.log")
@@ -173,5 +180,6 @@ class Pipeline:
         for worker in self.workers:
             worker.kill()
         self._stop.set()
-        self._thread.join(30)
+        if self._thread.is_alive():
+            self._thread.join(30)
         self.producer.close()

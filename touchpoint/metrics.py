@@ -143,6 +143,14 @@ ALERT_WINDOW_SIGNALS = Gauge(
     "Signals counted in the last closed window, by rule and channel.",
     ["rule", "channel"],
 )
+ALERT_LATE_SIGNALS = Counter(
+    "touchpoint_alert_late_signals_total",
+    "Friction signals reported after their window had closed (not in any alert window).",
+)
+ALERT_SILENT_PARTITIONS = Gauge(
+    "touchpoint_alert_silent_partitions",
+    "Worker partitions whose signal-count reports stopped: windows close without them.",
+)
 ALERT_BASELINE = Gauge(
     "touchpoint_alert_baseline_signals",
     "EWMA baseline of signals per window, by rule and channel.",

@@ -165,6 +165,12 @@ class WindowAggregator:
         self.max_windows_per_step = max_windows_per_step
         self._heard: dict[int, float] = {}
         self._started = wall()
+        # Observability: signals reported for windows already closed (they were
+        # not counted), and partitions currently skipped as silent.
+        self.late_signals = 0
+        self.silent: set[int] = set()
+        # window start -> partition -> series -> count as closed (recent windows only)
+        self._closed: dict[int, dict[str, dict[str, int]]] = {}
         # series -> signals in the latest closed window (for metrics; not persisted).
         self.last_counts: dict[str, int] = {}
 
@@ -177,7 +183,17 @@ class WindowAggregator:
         self._heard[partial.partition] = self.wall()
         for start, counts in partial.windows.items():
             if int(start) <= state.last_closed:
-                continue  # that window is closed; late contributions do not reopen it
+                # That window is closed; late contributions do not reopen it,
+                # but they are counted so operators can see them.
+                closed_window = self._closed.get(int(start))
+                if closed_window is None:
+                    continue  # closed long ago or before a restart: nothing to compare
+                closed = closed_window.setdefault(p, {})
+                for key, c in counts.items():
+                    if c.count > closed.get(key, 0):
+                        self.late_signals += c.count - closed.get(key, 0)
+                        closed[key] = c.count
+                continue
             state.windows.setdefault(start, {})[p] = counts
 
     def _floor(self) -> int | None:
@@ -191,7 +207,9 @@ class WindowAggregator:
         times = []
         for p in range(self.partitions):
             if now - self._heard.get(p, self._started) > self.max_silence_s:
+                self.silent.add(p)
                 continue  # silent: must not stall alerting for everyone
+            self.silent.discard(p)
             t = self.state.stream_times.get(str(p))
             if t is None:
                 return None
@@ -223,6 +241,12 @@ class WindowAggregator:
 
     def _close(self, start: int) -> list[dict[str, Any]]:
         per_partition = self.state.windows.pop(str(start), {})
+        self._closed[start] = {
+            p: {key: c.count for key, c in counts.items()} for p, counts in per_partition.items()
+        }
+        horizon = start - 10 * self.config.window_ms - self.config.lateness_ms
+        for old in [w for w in self._closed if w < horizon]:
+            del self._closed[old]
         totals: dict[str, SeriesCount] = {}
         for counts in per_partition.values():
             for key, c in counts.items():

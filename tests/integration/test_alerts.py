@@ -51,13 +51,18 @@ def run_broker(
     topics = TopicSettings(prefix=f"t{name}.touchpoints", partitions=4)
     env = {k.removeprefix("TOUCHPOINT_JOURNEY_").lower(): v for k, v in JOURNEY_ENV.items()}
     (tmp_path / name).mkdir()
-    p = Pipeline(kafka, topics, redis_settings, name, tmp_path / name, **env)
+    p = Pipeline(kafka, topics, redis_settings, name, tmp_path / name, start_ingest=False, **env)
     try:
         p.env["TOUCHPOINT_RULES_FILE"] = str(rules)
         p.env["TOUCHPOINT_REDIS_ENABLED"] = "false"
         worker = p.worker()
         worker.wait_ready(partitions=topics.partitions)
+        # The recorded file is in the raw topics before ingest reads it, as in
+        # any replay. (Sending an hour of history in seconds while ingest reads
+        # would let one raw partition run minutes ahead of another that is
+        # momentarily at its end: a disorder live traffic never has.)
         p.send(*events)
+        p.start_ingest()
         # Done when the worker has applied everything and the stream time has
         # closed the last windows (the backfill ends at minute 60).
         wait_until(lambda: (s := worker.health()) and s["touchpoints"] >= len(events) - 50, 240)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import msgspec
+
 import random
 
 from streams.core.rules import SpikeConfig
@@ -174,3 +176,18 @@ def test_window_counter_counts_per_channel_and_all_and_reloads() -> None:
     assert again.partial(3, T0 + MIN + 1) == report
     counter.prune(T0 + 10 * MIN, 0)
     assert counter.windows == {}
+
+
+def test_signals_reported_after_their_window_closed_are_counted_as_late() -> None:
+    wall = Wall()
+    agg = aggregator(wall)
+    agg.update(partial(0, T0 + 2 * MIN, {T0: {"payment_failure|web": 3}}))
+    agg.update(partial(1, T0 + 2 * MIN, {T0: {"payment_failure|web": 2}}))
+    agg.close_ready()
+    assert agg.state.last_closed >= T0 and agg.late_signals == 0
+    closed = msgspec.structs.replace(agg.state.detectors["payment_failure|web"])
+    agg.update(partial(0, T0 + 3 * MIN, {T0: {"payment_failure|web": 3}}))  # same count again
+    assert agg.late_signals == 0
+    agg.update(partial(1, T0 + 3 * MIN, {T0: {"payment_failure|web": 4}}))  # two more, too late
+    assert agg.late_signals == 2
+    assert agg.state.detectors["payment_failure|web"] == closed  # a closed window stays closed

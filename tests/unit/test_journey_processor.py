@@ -1,0 +1,94 @@
+"""The journey stage's shell around the sessionizer, without Kafka: deadlines on stream time.
+
+A partition keeps a heap of per-customer deadlines (journey close, rule
+deadlines, 30-day expiry) and fires them as its stream time passes them, even
+for customers that send nothing more.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from schemas.decoder import EventDecoder
+from streams.bundles import Partitioner, encode_bundle
+from streams.core.rules import load_rules
+from streams.core.sessionizer import MINUTE, SessionConfig, Sessionizer
+from streams.core.rules import RuleEngine
+from streams.ingest import Ingestor
+from streams.journeys import DictStore, JourneyProcessor
+from tests.events import BASE_MS, event, page_view
+from tests.harness import Outputs, _Message
+from tests.scenarios import scenario_rules
+from touchpoint import jsonio
+from touchpoint.config import TopicSettings
+
+T = BASE_MS
+
+
+class Stage:
+    """One partition of the journey stage, fed one bundle per call."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        rules = load_rules(scenario_rules(tmp_path))  # cart deadline 15 min
+        partition_of = Partitioner(1)
+        self.out = Outputs(TopicSettings())
+        self.processor = JourneyProcessor(
+            Sessionizer(SessionConfig(gap_ms=10 * MINUTE, grace_ms=MINUTE), RuleEngine(rules)),
+            partitions=1,
+            store=DictStore(partition_of),
+            output=self.out,  # type: ignore[arg-type]
+            topics=self.out.topics,
+            wall=lambda: 0.0,
+            spikes=rules.spikes,
+        )
+        self.ingestor = Ingestor(EventDecoder(clock=lambda: 4e9), partition_of, {})
+        self.offset = 0
+
+    def feed(self, *events: dict[str, Any]) -> None:
+        messages = [_Message(jsonio.dumps(e), "touchpoints.web", i) for i, e in enumerate(events)]
+        for items in self.ingestor.process(messages, 0).bundles.values():
+            self.processor.handle(0, self.offset, encode_bundle(items, 0))
+            self.offset += 1
+
+    def journeys(self, customer: str) -> list[dict[str, Any]]:
+        return [j for j in self.out.records.get("touchpoints.journeys", []) if j["customer_id"] == customer]
+
+    def signals(self, customer: str) -> list[dict[str, Any]]:
+        return [s for s in self.out.records.get("touchpoints.friction", []) if s["customer_id"] == customer]
+
+
+def cart_add(eid: str, ts: int, customer: str) -> dict[str, Any]:
+    return event(
+        "cart_add", eid, customer_id=customer, ts=ts, cart_id="cart-1", product_id="p", price=5.0
+    )
+
+
+def test_a_returning_customers_journey_closes_on_stream_time(tmp_path: Path) -> None:
+    stage = Stage(tmp_path)
+    stage.feed(page_view("a-1", customer_id="alice", ts=T))
+    # Someone else moves the partition's stream time past alice's gap + grace.
+    stage.feed(page_view("b-1", customer_id="bob", ts=T + 12 * MINUTE))
+    assert len(stage.journeys("alice")) == 1  # her state now waits for its 30-day expiry
+    # She comes back and leaves a cart; then only bob's events move time on.
+    stage.feed(cart_add("a-2", T + 20 * MINUTE, "alice"))
+    stage.feed(page_view("b-2", customer_id="bob", ts=T + 30 * MINUTE))
+    assert len(stage.journeys("alice")) == 1  # her deadline (T+31 min) has not passed
+    assert stage.signals("alice") == []
+    stage.feed(page_view("b-3", customer_id="bob", ts=T + 31 * MINUTE + 1))
+    second = stage.journeys("alice")[1:]
+    assert [j["touchpoint_count"] for j in second] == [1]
+    [signal] = stage.signals("alice")
+    assert signal["rule"] == "cart_abandonment"
+
+
+def test_the_deadline_heap_stays_bounded_when_deadlines_move_earlier(tmp_path: Path) -> None:
+    stage = Stage(tmp_path)
+    customers = [f"c{i}" for i in range(200)]
+    for visit in range(6):
+        t = T + visit * 15 * MINUTE  # every customer returns after their journey closed
+        stage.feed(*(page_view(f"{c}-{visit}", customer_id=c, ts=t) for c in customers))
+    part = stage.processor.parts[0]
+    assert len(part.scheduled) == len(customers)
+    assert len(part.heap) <= 2 * len(part.scheduled) + 1024
+    assert len(stage.journeys("c0")) == 5  # the sixth is still open
