@@ -73,8 +73,8 @@ class KafkaSettings(BaseSettings):
         sasl_complete = self.sasl_mechanism and self.sasl_username and self.sasl_password
         if self.security_protocol.startswith("SASL") and not sasl_complete:
             raise ValueError(
-                f"security_protocol={self.security_protocol} needs sasl_mechanism, "
-                "sasl_username and sasl_password"
+                f"TOUCHPOINT_KAFKA_SECURITY_PROTOCOL={self.security_protocol} needs "
+                "TOUCHPOINT_KAFKA_SASL_MECHANISM, _SASL_USERNAME and _SASL_PASSWORD"
             )
         return self
 
@@ -258,12 +258,19 @@ class RedisSettings(BaseSettings):
         tls_set = sorted(name for name, value in tls_files.items() if value)
         if tls_set and parts.scheme != "rediss":
             # redis-py would fail on the first connection with a TypeError.
-            raise ValueError(f"{', '.join(tls_set)} need a rediss:// URL")
+            names = ", ".join(f"TOUCHPOINT_REDIS_{name.upper()}" for name in tls_set)
+            raise ValueError(f"{names} need a rediss:// URL in TOUCHPOINT_REDIS_URL")
         # redis-py lets credentials in the URL win silently over the keyword ones.
         if parts.password and self.password:
-            raise ValueError("a password is set both in the URL and in password: choose one")
+            raise ValueError(
+                "a password is set both in TOUCHPOINT_REDIS_URL and in "
+                "TOUCHPOINT_REDIS_PASSWORD: choose one"
+            )
         if parts.username and self.username:
-            raise ValueError("a username is set both in the URL and in username: choose one")
+            raise ValueError(
+                "a username is set both in TOUCHPOINT_REDIS_URL and in "
+                "TOUCHPOINT_REDIS_USERNAME: choose one"
+            )
         return self
 
     @property
@@ -566,7 +573,10 @@ def load(cls: type[_S], **overrides: Any) -> _S:
     except ValidationError as exc:
         prefix = cls.model_config.get("env_prefix", "")
         problems = [
+            # Errors of the whole object (no loc) name their variables themselves.
             f"{prefix}{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+            if err["loc"]
+            else err["msg"]
             for err in exc.errors()
         ]
         raise ConfigError(cls.__name__, problems) from None

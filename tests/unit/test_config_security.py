@@ -157,7 +157,9 @@ def test_sasl_needs_mechanism_username_and_password(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("TOUCHPOINT_KAFKA_SASL_PASSWORD", SASL_PASSWORD)
     with pytest.raises(ConfigError) as refused:
         load(KafkaSettings)
-    assert "sasl_mechanism" in str(refused.value) and SASL_PASSWORD not in str(refused.value)
+    assert "TOUCHPOINT_KAFKA_SASL_MECHANISM" in str(refused.value) and SASL_PASSWORD not in str(
+        refused.value
+    )
     monkeypatch.setenv("TOUCHPOINT_KAFKA_SASL_MECHANISM", "GSSAPI")
     with pytest.raises(ConfigError, match="TOUCHPOINT_KAFKA_SASL_MECHANISM"):
         load(KafkaSettings)
@@ -212,10 +214,13 @@ def test_redis_credentials_in_the_url(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     ("env", "problem"),
     [
-        ({"URL": "redis://h:6379/0", "SSL_CAFILE": "/ca.pem"}, "need a rediss:// URL"),
+        ({"URL": "redis://h:6379/0", "SSL_CAFILE": "/ca.pem"}, "REDIS_SSL_CAFILE need a rediss://"),
         ({"URL": "redis://h/0", "SSL_KEY_PASSWORD": KEY_PASSWORD}, "need a rediss:// URL"),
-        ({"URL": f"redis://:{REDIS_PASSWORD}@h/0", "PASSWORD": "other"}, "both in the URL"),
-        ({"URL": "redis://u@h/0", "USERNAME": "v"}, "both in the URL"),
+        (
+            {"URL": f"redis://:{REDIS_PASSWORD}@h/0", "PASSWORD": "other"},
+            "both in TOUCHPOINT_REDIS_URL",
+        ),
+        ({"URL": "redis://u@h/0", "USERNAME": "v"}, "both in TOUCHPOINT_REDIS_URL"),
     ],
 )
 def test_redis_settings_that_redis_py_would_misread_are_refused(
