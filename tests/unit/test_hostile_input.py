@@ -3,7 +3,8 @@
 The corpus (tests/corpus/hostile + generated cases, see tests/hostile.py) goes
 through :class:`streams.ingest.Ingestor` exactly as a batch read from Kafka
 would. The same corpus goes through a running ingest against the real broker
-in tests/integration/test_hostile_input.py.
+in tests/integration/test_hostile_input.py; here it also goes through the
+collector's verdicts, which must give ingest's reasons.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from streams.ingest import Ingestor
 from tests.harness import run_pipeline
 from tests.hostile import CORPUS, MANIFEST, Case, all_cases, check_dead_letter, event
 from touchpoint import jsonio
-from touchpoint.config import IngestSettings
+from touchpoint.collector import JSON, judge, split_body
+from touchpoint.config import IngestSettings, TopicSettings
 
 NOW_S = 1_795_000_000.0  # 2026-11-18
 SETTINGS = IngestSettings()
@@ -225,3 +227,23 @@ def test_deep_nesting_is_refused_without_recursion_errors(depth: int) -> None:
     ]
     _result, dead = run(cases, roomy)
     assert [dead[100 + i]["reason"] for i in range(len(cases))] == [c.reason for c in cases]
+
+
+def test_the_collector_gives_the_same_reasons_for_a_body_of_each_case() -> None:
+    """A POSTed body that is one hostile input gets ingest's reason (same decoder)."""
+    decoder = ingestor().decoder
+    cases = [
+        c
+        for c in all_cases(SETTINGS, int(NOW_S * 1000))
+        # Empty bodies are refused whole (400); a body starting with [ is a batch.
+        if c.value and c.value.strip() and not c.value.lstrip().startswith(b"[")
+    ]
+    assert len(cases) > 150
+    for case in cases:
+        split = split_body(case.value or b"", JSON, 500)
+        if isinstance(split, Rejection):  # a body that cannot be split at all
+            reason = split.reason
+        else:
+            (verdict,) = judge(decoder, split, TopicSettings(), None)
+            reason = verdict.rejection.reason if verdict.rejection else None
+        assert reason == case.reason, case.name
