@@ -12,7 +12,7 @@ deployed. Demo settings, each overridable by its usual variable:
 - journeys close after 2 minutes of inactivity (20 s grace), so you see them close;
 - spike detection counts signals in 5-second windows with a 30-second warm-up
   (the built-in rules otherwise: 1-minute windows, 10-minute warm-up), so the
-  incident's alerts fire within about 15 s of its start; ``TOUCHPOINT_RULES_FILE``
+  incident's alerts fire within about 10 s of its start; ``TOUCHPOINT_RULES_FILE``
   replaces the whole rules file, spike settings included;
 - the simulated shop has been open for 8 minutes when the demo starts (that
   history is simulated, not sent), so carts and payments are in full swing
@@ -66,8 +66,16 @@ from touchpoint.topics import ensure_topics
 DEMO_JOURNEY = {"TOUCHPOINT_JOURNEY_GAP_MINUTES": "2", "TOUCHPOINT_JOURNEY_GRACE_MINUTES": "0.34"}
 # Spike settings for the demo, over the built-in rules' [spikes] (calibrated
 # with tests/unit/test_demo_alerts.py: the outage fires payment_failure within
-# 2 windows, quiet traffic fires nothing).
-DEMO_SPIKES = {"window": '"5s"', "warmup_windows": "6", "lateness": '"2s"', "min_count": "5"}
+# 2 windows and it stays firing until the outage ends; quiet traffic fires
+# nothing). alpha is per window: 0.02 per 5 s learns about as fast per minute
+# as the default 0.1 per 1-minute window, so the outage does not become normal.
+DEMO_SPIKES = {
+    "window": '"5s"',
+    "warmup_windows": "6",
+    "lateness": '"2s"',
+    "min_count": "5",
+    "alpha": "0.02",
+}
 WARM_UP_S = 480.0
 STOP_TIMEOUT_S = 30.0
 

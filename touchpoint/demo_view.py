@@ -183,7 +183,10 @@ def render(snap: Snapshot) -> list[str]:
     stages = [(stage, snap.active_by_stage.get(stage, 0.0)) for stage in STAGES]
     if snap.active_by_stage.get("none"):
         stages.append(("no stage yet", snap.active_by_stage["none"]))
-    outcomes = sorted(snap.completed_by_outcome.items(), key=lambda kv: -kv[1])
+    outcomes = sorted(
+        ((outcome, n) for outcome, n in snap.completed_by_outcome.items() if n),
+        key=lambda kv: -kv[1],
+    )
     lines += [
         f"active journeys by stage ({_n(live)} live)",
         "  " + " -> ".join(f"{stage} {_n(n)}" for stage, n in stages),
