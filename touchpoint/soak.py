@@ -114,7 +114,7 @@ class Soak:
 
     def get(self, path: str) -> Any:
         try:
-            response = httpx.get(f"http://127.0.0.1:{self.web_port}{path}", timeout=5)
+            response = httpx.get(f"http://127.0.0.1:{self.web_port}{path}", timeout=20)
         except httpx.HTTPError:
             return None
         if response.status_code != 200:
@@ -191,29 +191,27 @@ class Soak:
             total += max(0, high - max(tp.offset, 0))
         return total
 
-    def sample(self, consumer: Consumer) -> dict[str, float]:
+    def sample(self, consumer: Consumer) -> dict[str, float | None]:
+        """One sample; None where the worker did not answer (it is then left out)."""
         worker, ingest = self.processes["worker"].pid, self.processes["ingest"].pid
         stats = self.get("/stats") or {}
-        journeys = 0.0
-        text = self.get("/metrics") or ""
-        for family in text_string_to_metric_families(text):
+        journeys = None
+        text = self.get("/metrics")
+        for family in text_string_to_metric_families(text or ""):
             if family.name == "touchpoint_journeys_active":
                 journeys = sum(s.value for s in family.samples)
-        row: dict[str, float] = {
+        return {
             "worker_rss_mb": rss_mb(worker),
             "journeys": journeys,
-            "tasks": stats.get("asyncio_tasks", -1),
-            "threads": stats.get("threads", -1),
+            "tasks": stats.get("asyncio_tasks"),
+            "threads": stats.get("threads"),
             "worker_fds": open_fds(worker),
             "ingest_rss_mb": rss_mb(ingest),
             "ingest_fds": open_fds(ingest),
-            "touchpoints": stats.get("touchpoints", 0),
+            "touchpoints": stats.get("touchpoints"),
+            "ingest_lag": self.lag(consumer, f"{self.app_id}-ingest", list(self.topics.raw_topics)),
+            "worker_lag": self.lag(consumer, self.app_id, [self.topics.validated]),
         }
-        ingest_lag = self.lag(consumer, f"{self.app_id}-ingest", list(self.topics.raw_topics))
-        worker_lag = self.lag(consumer, self.app_id, [self.topics.validated])
-        row["ingest_lag"] = -1 if ingest_lag is None else ingest_lag
-        row["worker_lag"] = -1 if worker_lag is None else worker_lag
-        return row
 
 
 COLUMNS = (
@@ -231,12 +229,24 @@ COLUMNS = (
 )
 
 
-def print_row(elapsed: float, row: dict[str, float]) -> None:
-    cells = " ".join(f"{row.get(c, -1):>13,.0f}" for c in COLUMNS)
+Sample = dict[str, float | None]
+
+
+def print_row(elapsed: float, row: Sample) -> None:
+    cells = " ".join(f"{'-':>13}" if row.get(c) is None else f"{row[c]:>13,.0f}" for c in COLUMNS)
     print(f"{elapsed:>7.0f} {cells}", flush=True)
 
 
-def judge(samples: list[dict[str, float]]) -> list[str]:
+def values(samples: list[Sample], name: str) -> list[float]:
+    return [v for s in samples if (v := s.get(name)) is not None]
+
+
+def mean(samples: list[Sample], name: str) -> float | None:
+    known = values(samples, name)
+    return sum(known) / len(known) if known else None
+
+
+def judge(samples: list[Sample]) -> list[str]:
     """Series that grow without bound (last third vs middle third), as messages."""
     third = len(samples) // 3
     if third < 2:
@@ -244,8 +254,10 @@ def judge(samples: list[dict[str, float]]) -> list[str]:
     middle, last = samples[third : 2 * third], samples[2 * third :]
     failures = []
     for name, (tolerance, slack) in CRITERIA.items():
-        mid = sum(s[name] for s in middle) / len(middle)
-        end = sum(s[name] for s in last) / len(last)
+        mid, end = mean(middle, name), mean(last, name)
+        if mid is None or end is None:
+            failures.append(f"{name}: no samples in the middle or last third")
+            continue
         limit = mid * (1 + tolerance) + slack
         verdict = "ok" if end <= limit else "GROWS"
         print(
@@ -257,11 +269,16 @@ def judge(samples: list[dict[str, float]]) -> list[str]:
     return failures
 
 
-def summarize(samples: list[dict[str, float]]) -> None:
-    print(f"\n{'series':<14} {'start':>12} {'end':>12} {'max':>12}")
+def summarize(samples: list[Sample]) -> None:
+    print(f"\n{'series':<14} {'start':>12} {'end':>12} {'max':>12}   (missing samples)")
     for name in COLUMNS:
-        values = [s.get(name, -1) for s in samples]
-        print(f"{name:<14} {values[0]:>12,.1f} {values[-1]:>12,.1f} {max(values):>12,.1f}")
+        known = values(samples, name)
+        if known:
+            missing = len(samples) - len(known)
+            print(
+                f"{name:<14} {known[0]:>12,.1f} {known[-1]:>12,.1f} {max(known):>12,.1f}"
+                f"   ({missing})"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         f"soak: {args.minutes} min at {args.rate:,.0f} events/s, {args.partitions} partitions, "
         f"broker {kafka.bootstrap_servers}; logs in {workdir}"
     )
-    samples: list[dict[str, float]] = []
+    samples: list[Sample] = []
     failures: list[str] = []
     consumer = Consumer({**kafka.librdkafka(), "group.id": f"{soak.app_id}-lag-probe"})
     try:
@@ -305,13 +322,13 @@ def main(argv: list[str] | None = None) -> int:
             row = soak.sample(consumer)
             if embedded is not None and embedded._process is not None:
                 row["broker_rss_mb"] = rss_mb(embedded._process.pid)
-            row["elapsed"] = time.monotonic() - started
+            elapsed = row["elapsed"] = time.monotonic() - started
             samples.append(row)
-            print_row(row["elapsed"], row)
+            print_row(elapsed, row)
             next_at += args.interval
-            if next_at > end:
+            if time.monotonic() >= end:
                 break
-            time.sleep(max(0.0, next_at - time.monotonic()))
+            time.sleep(max(0.0, min(next_at, end) - time.monotonic()))
     except RuntimeError as exc:
         failures.append(str(exc))
     finally:
@@ -325,22 +342,30 @@ def main(argv: list[str] | None = None) -> int:
         failures += judge(samples)
         third = len(samples) // 3
         for name in LAG_SERIES:
-            if third >= 2:
-                mid = sum(s[name] for s in samples[third : 2 * third]) / third
-                last = samples[2 * third :]
-                end_mean = sum(s[name] for s in last) / len(last)
-                if end_mean > 2 * mid + args.rate * args.interval:
-                    print(
-                        f"  WARNING: {name} keeps growing ({mid:,.0f} -> {end_mean:,.0f}): "
-                        "the pipeline does not keep up with this rate here"
-                    )
-        sent = samples[-1]["touchpoints"]
-        print(f"\nworker applied {sent:,.0f} touchpoints in {len(samples)} samples")
-        if third >= 2:
-            steady = samples[third:]
-            span = steady[-1]["elapsed"] - steady[0]["elapsed"]
-            achieved = (steady[-1]["touchpoints"] - steady[0]["touchpoints"]) / max(span, 1e-9)
-            print(f"achieved rate after warm-up: {achieved:,.0f} events/s (asked {args.rate:,.0f})")
+            mid = mean(samples[third : 2 * third], name)
+            end_mean = mean(samples[2 * third :], name)
+            if (
+                third >= 2
+                and mid is not None
+                and end_mean is not None
+                and end_mean > 2 * mid + args.rate * args.interval / 100
+            ):
+                print(
+                    f"  WARNING: {name} keeps growing ({mid:,.0f} -> {end_mean:,.0f}): "
+                    "the pipeline does not keep up with this rate here"
+                )
+        known = [s for s in samples if s.get("touchpoints") is not None]
+        if known:
+            print(f"\nworker applied {known[-1]['touchpoints']:,.0f} touchpoints")
+        steady = [s for s in known if s in samples[third:]]
+        if len(steady) >= 2:
+            first, last_ = steady[0], steady[-1]
+            span = (last_["elapsed"] or 0) - (first["elapsed"] or 0)
+            done = (last_["touchpoints"] or 0) - (first["touchpoints"] or 0)
+            print(
+                f"worker rate after warm-up: {done / max(span, 1e-9):,.0f} events/s "
+                f"(asked {args.rate:,.0f})"
+            )
     if failures:
         print("\nFAILED:\n  " + "\n  ".join(failures))
         return 1
