@@ -250,9 +250,15 @@ class JourneyStage:
             started = time.perf_counter()
             events, self._unacked = self._unacked, []
             covered = self.touchpoints
-            self.processor.flush()
+            changelog: list[tuple[int, bytes, bytes | None]] = []
+            self.processor.flush(deferred=changelog)
+            loop = asyncio.get_running_loop()
             try:
-                await asyncio.get_running_loop().run_in_executor(None, self.output.flush)
+                # Outputs first, then the states that claim them (see
+                # JourneyProcessor.flush): both must be delivered before the ack.
+                await loop.run_in_executor(None, self.output.flush)
+                self.processor.write_changelog(changelog)
+                await loop.run_in_executor(None, self.output.flush)
             except Exception as exc:
                 # Acking anything after this could commit past the undelivered
                 # records, so this worker stops for good and a restart replays
@@ -362,6 +368,18 @@ class JourneyStage:
                 if self.alerting and self.alerting.aggregator
                 else {}
             ),
+            # Start of the last alert window closed on this worker (-1: none; only
+            # the worker that owns the signal-counts partition closes windows).
+            "alert_window_closed": (
+                self.alerting.aggregator.state.last_closed
+                if self.alerting and self.alerting.aggregator
+                else -1
+            ),
+            "alert_late_signals": (
+                self.alerting.aggregator.late_signals
+                if self.alerting and self.alerting.aggregator
+                else 0
+            ),
         }
 
     async def on_shutdown(self, app: Any, **_kw: Any) -> None:
@@ -451,7 +469,13 @@ class AlertStage:
         return self.aggregator
 
     async def consume(self, stream: Any) -> None:
+        # Reports are acked only once a saved state contains them: a partition
+        # stops reporting a window once it pruned it, so a report consumed,
+        # committed and then lost with the unsaved state would never come again.
+        stream = stream.noack()
+        unsaved: list[Any] = []
         async for event in stream.events():
+            unsaved.append(event)
             aggregator = self._aggregator()
             try:
                 aggregator.update(_partial_decoder.decode(event.value))
@@ -494,6 +518,10 @@ class AlertStage:
                 # Delivered before the state that says "this window is done" is saved.
                 await asyncio.get_running_loop().run_in_executor(None, self.output.flush)
             self.table[self.KEY] = msgspec.msgpack.encode(aggregator.state)
+            # Faust flushes its producer (the table's changelog) before it commits.
+            for saved in unsaved:
+                await stream.ack(saved)
+            unsaved.clear()
 
 
 _partial_decoder = msgspec.json.Decoder(Partial)
@@ -539,6 +567,9 @@ def create_app(
         # wait for unacked bundles on rebalance or shutdown (we flush there).
         stream_wait_empty=False,
         consumer_auto_offset_reset="earliest",
+        # Tansu workaround (tests/demo only), as for the journeys changelog: the
+        # alerting table's changelog is written by Faust's producer.
+        producer_max_batch_size=1 if worker.changelog_single_record_batches else None,
     )
     stage = JourneyStage(app, settings, kafka, rules)
     stage.alerting = AlertStage(app, settings, stage.output, rules)

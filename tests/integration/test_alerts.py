@@ -17,14 +17,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
+from streams.core.sessionizer import MINUTE
 from tests.pipeline import Pipeline, wait_until
 from tests.reference import assert_valid_record
 from tests.scenarios import (
     GAP_MS,
     GRACE_MS,
     JOURNEY_ENV,
+    MINUTES,
     OUTAGE_LENGTH,
     OUTAGE_START,
     T0,
@@ -47,6 +50,7 @@ def run_broker(
     name: str,
     events: list[dict[str, Any]],
     rules: Path,
+    outage: bool = True,
 ) -> list[dict[str, Any]]:
     topics = TopicSettings(prefix=f"t{name}.touchpoints", partitions=4)
     env = {k.removeprefix("TOUCHPOINT_JOURNEY_").lower(): v for k, v in JOURNEY_ENV.items()}
@@ -67,10 +71,27 @@ def run_broker(
         # closed the last windows (the backfill ends at minute 60).
         wait_until(lambda: (s := worker.health()) and s["touchpoints"] >= len(events) - 50, 240)
 
+        if not outage:
+            # Done when the alert stage has closed the windows up to the end of
+            # the traffic, less its lateness: then every alert it would raise is out.
+            last = T0 + MINUTES * MINUTE - 5 * MINUTE
+
+            def closed() -> Any:
+                stats = httpx.get(f"{worker.url}/stats", timeout=5).json()
+                return stats if stats["alert_window_closed"] >= last else None
+
+            stats = wait_until(closed, 120)
+            assert stats["alert_late_signals"] == 0
+            assert stats["counts"]["signals"] > 100  # friction was there, below spike level
+            return p.read(topics.alerts, lambda docs: False, timeout=3)
+
         def settled(docs: list[dict[str, Any]]) -> bool:
             return any(d["rule"] == "cart_abandonment" and d["state"] == "resolved" for d in docs)
 
-        return p.read(topics.alerts, settled, timeout=120)
+        alerts = p.read(topics.alerts, settled, timeout=120)
+        stats = httpx.get(f"{worker.url}/stats", timeout=5).json()
+        assert stats["alert_late_signals"] == 0  # every signal counted in its window
+        return alerts
     finally:
         p.close()
 
@@ -108,3 +129,16 @@ def test_outage_alerts_fire_and_a_replay_raises_the_same_alert_ids(
     assert sorted((a["alert_id"], a["state"]) for a in replay) == sorted(
         (a["alert_id"], a["state"]) for a in first
     )
+
+
+def test_the_same_duration_of_normal_traffic_raises_no_alert(
+    kafka: KafkaSettings,
+    redis_settings: RedisSettings,
+    unique: str,
+    tmp_path: Path,
+    scenario: tuple[list[dict[str, Any]], Path],
+) -> None:
+    _, rules = scenario
+    events = traffic(SEED, outage=False, anonymous_share=0.0)
+    alerts = run_broker(kafka, redis_settings, tmp_path, f"{unique}n", events, rules, outage=False)
+    assert alerts == []

@@ -12,9 +12,8 @@ from typing import Any
 
 from schemas.decoder import EventDecoder
 from streams.bundles import Partitioner, encode_bundle
-from streams.core.rules import load_rules
+from streams.core.rules import RuleEngine, load_rules
 from streams.core.sessionizer import MINUTE, SessionConfig, Sessionizer
-from streams.core.rules import RuleEngine
 from streams.ingest import Ingestor
 from streams.journeys import DictStore, JourneyProcessor
 from tests.events import BASE_MS, event, page_view
@@ -52,10 +51,18 @@ class Stage:
             self.offset += 1
 
     def journeys(self, customer: str) -> list[dict[str, Any]]:
-        return [j for j in self.out.records.get("touchpoints.journeys", []) if j["customer_id"] == customer]
+        return [
+            j
+            for j in self.out.records.get("touchpoints.journeys", [])
+            if j["customer_id"] == customer
+        ]
 
     def signals(self, customer: str) -> list[dict[str, Any]]:
-        return [s for s in self.out.records.get("touchpoints.friction", []) if s["customer_id"] == customer]
+        return [
+            s
+            for s in self.out.records.get("touchpoints.friction", [])
+            if s["customer_id"] == customer
+        ]
 
 
 def cart_add(eid: str, ts: int, customer: str) -> dict[str, Any]:

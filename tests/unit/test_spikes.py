@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import msgspec
-
 import random
+
+import msgspec
 
 from streams.core.rules import SpikeConfig
 from streams.core.spikes import (
