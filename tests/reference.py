@@ -1,8 +1,10 @@
 """Reference validation with a standard JSON Schema library, for tests.
 
 The fast decoder must agree with this on every input (see test_schema_lockstep).
-One deliberate difference from stock JSON Schema is configured here and in the
-decoder alike: ``1.0`` is not an integer.
+Two deliberate differences from stock JSON Schema and Python's json are
+configured here and in the decoder alike: ``1.0`` is not an integer, and a
+string holding a lone surrogate (``"\\ud800"``) is not text (it has no UTF-8
+form; I-JSON, RFC 7493, forbids it; Python's json accepts it).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ def reference_verdict(data: bytes) -> bool:
     """True when ``data`` is valid JSON naming a known schema and valid against it."""
     try:
         doc = json.loads(data.decode("utf-8"), parse_constant=_no_constants)
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")  # lone surrogates fail here
+    except (UnicodeError, ValueError, RecursionError):
         return False
     if not isinstance(doc, dict) or not isinstance(doc.get("schema"), str):
         return False

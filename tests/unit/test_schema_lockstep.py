@@ -17,9 +17,11 @@ from hypothesis import strategies as st
 
 from schemas.decoder import REASONS, EventDecoder, Rejection
 from schemas.registry import event_schemas, uri_for
+from tests.hostile import Case, all_cases
 from tests.reference import reference_verdict
 from tests.strategies import ANY_JSON, VALID_EVENTS, mutated_events
 from touchpoint import jsonio
+from touchpoint.config import IngestSettings
 
 DECODER = EventDecoder(min_event_time_ms=0, clock=lambda: 1e13, max_payload_bytes=1 << 20)
 
@@ -112,6 +114,20 @@ CORPUS: list[bytes] = [
 def test_corpus_verdicts_agree(data: bytes) -> None:
     reference, fast = both(data)
     assert reference == fast, data[:200]
+
+
+HOSTILE = [
+    case
+    for case in all_cases(IngestSettings(), 1_795_000_000_000)
+    # Event-time plausibility is the decoder's own check, not the schemas'.
+    if case.reason != "timestamp_out_of_range"
+]
+
+
+@pytest.mark.parametrize("case", HOSTILE, ids=[case.name for case in HOSTILE])
+def test_hostile_corpus_verdicts_agree(case: Case) -> None:
+    reference, fast = both(case.value or b"")
+    assert reference == fast == (case.reason is None)
 
 
 def test_survey_scores_follow_the_kind() -> None:
