@@ -191,6 +191,7 @@ class Demo:
         self.redis = False
         self.broker_text = self.redis_text = self.spikes_text = ""
         self.sent = 0
+        self.warming_up = True
         self.started_at = time.time()
         self.recent_customers: deque[tuple[float, str]] = deque(maxlen=200)
         self.example: str | None = None
@@ -347,6 +348,7 @@ class Demo:
             for n, _event in enumerate(sim.until(live_from_ms)):
                 if n % 10_000 == 0 and self.stop.is_set():
                     return
+            self.warming_up = False
 
             def sent(_source: str, event: dict[str, Any]) -> None:
                 self.sent += 1
@@ -446,6 +448,7 @@ class Demo:
                 IncidentView(i.kind, i.start_s, i.start_s + i.duration_s) for i in self.incidents
             ],
             worker_up=status == 200,
+            warming_up=self.warming_up,
             sent=self.sent,
             ingested=ingest.events_total,
             applied=int(applied),

@@ -81,6 +81,7 @@ class Snapshot:
     redis: str
     incidents: list[IncidentView]
     worker_up: bool = False
+    warming_up: bool = False  # the simulator is still simulating the history it skips
     sent: int = 0
     ingested: int = 0
     applied: int = 0
@@ -169,7 +170,12 @@ def render(snap: Snapshot) -> list[str]:
         *(incident_line(snap, incident) for incident in snap.incidents),
         "",
         f"throughput     in {_n(snap.ingested_per_s)} events/s   applied "
-        f"{_n(snap.applied_per_s)} events/s   (simulated {_n(snap.sent_per_s)}/s)",
+        f"{_n(snap.applied_per_s)} events/s   "
+        + (
+            "(simulator: preparing the shop's history ...)"
+            if snap.warming_up
+            else f"(simulated {_n(snap.sent_per_s)}/s)"
+        ),
         f"totals         sent {_n(snap.sent)}   ingested {_n(snap.ingested)}   "
         f"applied {_n(snap.applied)}",
         f"dead letters   {_n(snap.dead_letters)}   "

@@ -150,8 +150,11 @@ def test_alerts_list_firing_first_then_resolved_and_say_since_when() -> None:
 
 
 def test_before_the_worker_answers_the_screen_says_so() -> None:
-    text = "\n".join(render(snapshot(now=T0 + 5, completed_by_outcome={"converted": 0.0})))
+    text = "\n".join(
+        render(snapshot(now=T0 + 5, completed_by_outcome={"converted": 0.0}, warming_up=True))
+    )
     assert "worker         starting" in text
+    assert "(simulator: preparing the shop's history ...)" in text
     assert "journeys completed by outcome (0)\n  none yet" in text
     assert "starts in 55 s" in text
     assert "journey lookup" in text
