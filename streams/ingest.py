@@ -260,6 +260,7 @@ class IngestWorker:
         if create_topics:
             ensure_topics(kafka, topics)
         self._producer_config = {
+            "error_cb": self._on_producer_error,
             **kafka.librdkafka(),
             "enable.idempotence": True,
             "linger.ms": 5,
@@ -327,6 +328,22 @@ class IngestWorker:
             except BufferError:
                 self.producer.poll(0.05)
                 self._check_stall()
+            except KafkaException as exc:  # fatal: this producer takes nothing more
+                log.error("ingest producer refused a message (%s): new producer", exc)
+                batch.pending -= 1
+                batch.failed = True  # the batch is re-read from the last commit
+                self._new_producer()
+                return
+
+    def _on_producer_error(self, err: KafkaError) -> None:
+        # Without this callback confluent-kafka raises fatal errors (e.g. a
+        # sequence desynchronisation after a broker lost its state) out of
+        # poll/flush, killing the loop. A fatal error fails every message
+        # held, so their batches take the re-read path and get a new producer.
+        if err.fatal():
+            log.error("ingest producer fatal error (batches re-read, new producer): %s", err)
+        elif err.code() == KafkaError._ALL_BROKERS_DOWN:
+            log.warning("ingest producer: %s", err)  # once per outage; librdkafka logs the rest
 
     def _check_stall(self) -> None:
         if self._watch.stalled(self.producer):
@@ -340,9 +357,13 @@ class IngestWorker:
     def _new_producer(self) -> None:
         """Drop what the producer holds (its batches re-read from the last commit) and replace it."""
         old = self.producer
-        old.purge(in_queue=True, in_flight=True, blocking=False)
-        old.flush(10)  # serves the purge reports: their batches are marked failed
+        try:
+            old.purge(in_queue=True, in_flight=True, blocking=False)
+            old.flush(10)  # serves the purge reports: their batches are marked failed
+        except KafkaException as exc:
+            log.warning("old ingest producer: %s", exc)
         self.producer = Producer(self._producer_config)
+        self._watch.progress()
 
     def run_once(self, timeout: float | None = None) -> int:
         """Process one batch; returns the number of messages read.

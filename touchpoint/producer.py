@@ -103,28 +103,41 @@ class TouchpointProducer:
     ) -> None:
         self.topics = topics
         self.decoder = decoder or EventDecoder()
-        self._config = producer_config(kafka, **config)
+        self._config = {"error_cb": self._on_error, **producer_config(kafka, **config)}
         self._producer = Producer(self._config)
         self.delivered = 0
         self.failed = 0
         self.renewed = 0  # times the client was replaced (see StallWatch)
         self.rejected: Counter[str] = Counter()
         self._watch = StallWatch()
-        self._requeue: list[tuple[str, bytes, bytes | None]] | None = None
+        self._renewing = False
+        self._fatal = False
+        # Messages to send again with the next client (purged by renew, or
+        # failed by a fatal error of the idempotent producer).
+        self._requeue: list[tuple[str, bytes, bytes | None]] = []
         self._sends = 0
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            # e.g. a sequence desynchronisation after a broker lost its state:
+            # this client is done; the next send or flush replaces it.
+            self._fatal = True
+            log.error("producer fatal error, replacing the client: %s", err)
+        elif err.code() == KafkaError._ALL_BROKERS_DOWN:
+            log.warning("producer: %s", err)  # once per outage; librdkafka logs the rest
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is None:
             self.delivered += 1
             self._watch.progress()
-        elif self._requeue is not None and err.code() in _PURGED:
+        elif (self._renewing and err.code() in _PURGED) or err.code() == KafkaError._FATAL:
             self._requeue.append((msg.topic(), msg.value(), msg.key()))  # type: ignore[arg-type]
         else:
             self.failed += 1
             log.error("delivery failed: %s", err)
 
     def _check_stall(self) -> None:
-        if self._watch.stalled(self._producer):
+        if self._fatal or self._watch.stalled(self._producer):
             self.renew()
 
     def renew(self) -> int:
@@ -134,21 +147,26 @@ class TouchpointProducer:
         arrive twice (at-least-once; journeys count an event once by id).
         """
         old = self._producer
-        requeue: list[tuple[str, bytes, bytes | None]] = []
-        self._requeue = requeue
+        self._renewing = True
         try:
             old.purge(in_queue=True, in_flight=True, blocking=False)
-            old.flush(10)  # serves the purge reports, which fill ``requeue``
+            old.flush(10)  # serves the purge reports, which fill ``_requeue``
+        except KafkaException as exc:
+            log.warning("old producer client: %s", exc)
         finally:
-            self._requeue = None
-        self._producer = Producer(self._config)
-        self.renewed += 1
-        log.warning(
-            "producer delivered nothing for %.0f s while the broker answers (it may have lost "
-            "this producer's id in a restart): new client, %d message(s) re-queued",
-            self._watch.after_s,
-            len(requeue),
+            self._renewing = False
+        requeue, self._requeue = self._requeue, []
+        why = (
+            "after a fatal error"
+            if self._fatal
+            else f"after {self._watch.after_s:.0f} s without delivery while the broker answers "
+            "(it may have lost this producer's id in a restart)"
         )
+        self._fatal = False
+        self._producer = Producer(self._config)
+        self._watch.progress()
+        self.renewed += 1
+        log.warning("new producer client %s: %d message(s) re-queued", why, len(requeue))
         for topic, value, key in requeue:
             self._produce(topic, value, key)
         return len(requeue)
@@ -189,6 +207,9 @@ class TouchpointProducer:
             except BufferError:  # queue full (broker slow or away): wait for room
                 self._producer.poll(0.05)
                 self._check_stall()
+            except KafkaException:  # fatal: this client takes nothing more
+                self._fatal = True
+                self.renew()
 
     def flush(self, timeout: float = 30.0) -> int:
         """Wait for delivery; returns the number of messages still undelivered."""
