@@ -418,8 +418,9 @@ class Demo:
                 return
 
     def _draw(self, lines: list[str]) -> None:
-        width = shutil.get_terminal_size().columns
-        out = "".join(line[:width] + "\033[K\n" for line in lines)
+        # Lines that wrap or scroll would break the redraw in place: clip to the terminal.
+        width, height = shutil.get_terminal_size()
+        out = "".join(line[:width] + "\033[K\n" for line in lines[: max(height - 1, 1)])
         sys.stdout.write("\033[H" + out + "\033[J")
         sys.stdout.flush()
 
