@@ -546,6 +546,9 @@ def create_app(
     kafka = kafka or settings.kafka
     worker = settings.worker
     rules = load_rules(worker.rules_file)
+    # Read now: a bad TOUCHPOINT_JOURNEY_* value must stop the worker at start-up
+    # (one line), not crash its agent in a loop every 5 s behind a "ready" worker.
+    settings.journey.session_config()
     os.makedirs(worker.state_dir, exist_ok=True)  # Faust creates only the last level
     app = faust.App(
         worker.app_id,
