@@ -83,9 +83,16 @@ def topics() -> None:
 @click.pass_obj
 def topics_create(settings: Settings) -> None:
     """Create every topic with its partitions and configs (existing ones are kept)."""
+    from confluent_kafka import KafkaException
+
     from touchpoint.topics import ensure_topics
 
-    outcome = ensure_topics(settings.kafka, settings.topics)
+    try:
+        outcome = ensure_topics(settings.kafka, settings.topics)
+    except KafkaException as exc:
+        raise click.ClickException(
+            f"cannot create topics on Kafka at {settings.kafka.bootstrap_servers}: {exc}"
+        ) from exc
     for name, state in outcome.items():
         click.echo(f"{state:8} {name}")
 
@@ -155,12 +162,20 @@ def produce(settings: Settings, file: IO[bytes], source: str | None, raw: bool) 
 @click.pass_obj
 def ingest(settings: Settings, metrics_port: int | None) -> None:
     """Run the ingest stage: raw topics -> validated bundles + dead letters."""
+    from confluent_kafka import KafkaException
+
     from streams.ingest import IngestWorker
     from touchpoint.metrics import serve
 
     if metrics_port:
         serve(metrics_port, settings.metrics.host)
-    worker = IngestWorker(settings.kafka, settings.topics, settings.ingest)
+    try:
+        worker = IngestWorker(settings.kafka, settings.topics, settings.ingest)
+    except KafkaException as exc:
+        # One clear line, not a traceback; the deployment restarts us.
+        raise click.ClickException(
+            f"cannot set up topics on Kafka at {settings.kafka.bootstrap_servers}: {exc}"
+        ) from exc
     _tune_gc()
     stop = threading.Event()
     try:
