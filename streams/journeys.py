@@ -91,6 +91,15 @@ class DictStore:
                 yield key, value
 
 
+def _appender(
+    writes: list[tuple[int, bytes, bytes | None]],
+) -> Callable[[int, bytes, bytes | None], None]:
+    def append(partition: int, key: bytes, value: bytes | None) -> None:
+        writes.append((partition, key, value))
+
+    return append
+
+
 class _Meta(msgspec.Struct, array_like=True):
     watermark: int
     floor: int
@@ -457,12 +466,20 @@ class JourneyProcessor:
         return due
 
     # ------------------------------------------------------------ write-behind
-    def flush(self) -> int:
+    def flush(self, deferred: list[tuple[int, bytes, bytes | None]] | None = None) -> int:
         """Write changed states to the changelog/store and Redis; returns records written.
 
         The caller must then wait for ``output.flush()`` before acking input.
+        With ``deferred``, changelog records are appended to it instead of
+        sent; the shell sends them (:meth:`write_changelog`) only after the
+        outputs recorded so far are delivered. A state in the changelog claims
+        (by its ``pos``) every bundle applied to it, so a crash between the
+        two deliveries must never leave a state whose outputs (closed
+        journeys, signals, late events, forwarded stitching items) are lost:
+        a restarted worker would skip those bundles and never emit them again.
         """
         output = self.output
+        changelog = output.changelog if deferred is None else _appender(deferred)
         store = self.store
         partition_of = self.partition_of
         redis_updates: dict[str, bytes | None] = {}
@@ -472,7 +489,7 @@ class JourneyProcessor:
             raw_key = key.encode()
             partition = partition_of(key)
             if key in self.forgotten and key not in self.cache:
-                output.changelog(partition, raw_key, None)
+                changelog(partition, raw_key, None)
                 store.delete(raw_key, partition)
                 redis_updates[key] = None
                 written += 1
@@ -481,7 +498,7 @@ class JourneyProcessor:
             if state is None:
                 continue
             data = encode_state(state)
-            output.changelog(partition, raw_key, data)
+            changelog(partition, raw_key, data)
             store.put(raw_key, partition, data)
             state_bytes += len(data)
             if len(state.journeys) == 1:
@@ -507,7 +524,7 @@ class JourneyProcessor:
             if part.meta_dirty:
                 meta = msgspec.msgpack.encode(_Meta(part.clock.watermark, now, part.counter.dump()))
                 key = META_PREFIX + str(partition).encode()
-                output.changelog(partition, key, meta)
+                changelog(partition, key, meta)
                 store.put(key, partition, meta)
                 part.meta_dirty = False
                 written += 1
@@ -519,6 +536,12 @@ class JourneyProcessor:
         metrics.STATE_BYTES.inc(state_bytes)
         self.counts["changelog_records"] += written
         return written
+
+    def write_changelog(self, writes: list[tuple[int, bytes, bytes | None]]) -> None:
+        """Send changelog records deferred by :meth:`flush`, in order."""
+        changelog = self.output.changelog
+        for partition, key, value in writes:
+            changelog(partition, key, value)
 
     def redis_value(self, state: CustomerState) -> bytes | None:
         """The Redis mirror of a customer's live journey (None: no live journey, delete).

@@ -178,9 +178,14 @@ class WindowAggregator:
         """A partition's latest report (cumulative: replacing is idempotent)."""
         state = self.state
         p = str(partial.partition)
-        if partial.stream_time > state.stream_times.get(p, -1):
-            state.stream_times[p] = partial.stream_time
         self._heard[partial.partition] = self.wall()
+        if partial.stream_time < state.stream_times.get(p, -1):
+            # Behind this partition's last report: a worker that took it over
+            # (crash, rebalance) replays from the last commit, and its counts
+            # lack what it has not replayed yet. A report as far along as the
+            # last one has them again.
+            return
+        state.stream_times[p] = partial.stream_time
         for start, counts in partial.windows.items():
             if int(start) <= state.last_closed:
                 # That window is closed; late contributions do not reopen it,
