@@ -188,9 +188,23 @@ class JourneyStage:
         async def stats_page(web: Any, request: Any) -> Any:
             return web.json(self.stats())
 
-        app.page("/journeys/{customer}/")(
-            app.table_route(table=self.table, match_info="customer")(journey_page)
-        )
+        routed = app.table_route(table=self.table, match_info="customer")(journey_page)
+
+        async def journey_entry(web: Any, request: Any, customer: str) -> Any:
+            # Right after start-up or a rebalance, Faust's router can fail with
+            # a TypeError/KeyError before the assignment metadata is in: that is
+            # "not ready yet" (503, retry), not a server error.
+            try:
+                return await routed(web, request, customer=customer)
+            except (TypeError, KeyError) as exc:
+                log.warning("journey lookup before routing metadata is ready: %r", exc)
+                return web.json(
+                    {"error": "not_ready", "customer_id": customer, "retry_after_s": 1},
+                    status=503,
+                    headers={"Retry-After": "1"},
+                )
+
+        app.page("/journeys/{customer}/")(journey_entry)
         app.page("/metrics")(metrics_page)
         app.page("/health")(health_page)
         app.page("/stats")(stats_page)
