@@ -272,13 +272,10 @@ class WindowAggregator:
             detector = self.state.detectors.get(key)
             if detector is None:
                 detector = self.state.detectors[key] = DetectorState()
-            baseline = (
-                detector.mean,
-                self.detector.sigma(detector),
-                self.detector.threshold(detector),
-            )
+            logic = self.detectors.get(rule, self.detector)  # a rule's own [spike] overrides
+            baseline = (detector.mean, logic.sigma(detector), logic.threshold(detector))
             self.last_counts[key] = total.count
-            transition = self.detector.observe(detector, total.count)
+            transition = logic.observe(detector, total.count)
             if transition is not None:
                 alerts.append(
                     self._alert(rule, channel, start, total, detector, baseline, transition)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import msgspec
@@ -191,3 +192,25 @@ def test_signals_reported_after_their_window_closed_are_counted_as_late() -> Non
     agg.update(partial(1, T0 + 3 * MIN, {T0: {"payment_failure|web": 4}}))  # two more, too late
     assert agg.late_signals == 2
     assert agg.state.detectors["payment_failure|web"] == closed  # a closed window stays closed
+
+
+def test_a_rules_own_spike_settings_override_the_global_ones() -> None:
+    def run(overrides: dict[str, SpikeConfig]) -> list[str]:
+        agg = WindowAggregator(
+            CONFIG,
+            partitions=1,
+            series=[("payment_failure", "web")],
+            severity_of={},
+            overrides=overrides,
+            wall=Wall(),
+        )
+        states = []
+        for i, n in enumerate([1] * 12 + [20]):
+            agg.update(partial(0, T0 + (i + 1) * MIN, {T0 + i * MIN: {"payment_failure|web": n}}))
+            states += [a["state"] for a in agg.close_ready()]
+        return states
+
+    assert run({}) == ["firing"]
+    strict = dataclasses.replace(CONFIG, min_count=50)
+    assert run({"payment_failure": strict}) == []
+    assert run({"other_rule": strict}) == ["firing"]
