@@ -179,13 +179,15 @@ class WindowAggregator:
         state = self.state
         p = str(partial.partition)
         self._heard[partial.partition] = self.wall()
-        if partial.stream_time < state.stream_times.get(p, -1):
-            # Behind this partition's last report: a worker that took it over
-            # (crash, rebalance) replays from the last commit, and its counts
-            # lack what it has not replayed yet. A report as far along as the
-            # last one has them again.
-            return
-        state.stream_times[p] = partial.stream_time
+        known = state.stream_times.get(p, -1)
+        # Behind this partition's last report: a worker that took it over
+        # (crash, rebalance) replays from the last commit, and its counts grow
+        # back from what the state it recovered holds. They must not shrink
+        # what was reported, but may add to it (the last reports before a
+        # crash can be lost, and a window is pruned once replayed past).
+        behind = partial.stream_time < known
+        if not behind:
+            state.stream_times[p] = partial.stream_time
         for start, counts in partial.windows.items():
             if int(start) <= state.last_closed:
                 # That window is closed; late contributions do not reopen it,
@@ -199,7 +201,13 @@ class WindowAggregator:
                         self.late_signals += c.count - closed.get(key, 0)
                         closed[key] = c.count
                 continue
-            state.windows.setdefault(start, {})[p] = counts
+            if behind:
+                kept = state.windows.setdefault(start, {}).setdefault(p, {})
+                for key, c in counts.items():
+                    if key not in kept or c.count > kept[key].count:
+                        kept[key] = c
+            else:
+                state.windows.setdefault(start, {})[p] = counts
 
     def _floor(self) -> int | None:
         """Stream time every partition has passed (None: wait).

@@ -140,3 +140,26 @@ def test_replay_after_a_crash_applies_each_bundle_once_with_a_customer_many_time
     assert by_id(out.records(TOPICS.journeys)) == expected
     assert sorted(j["touchpoint_count"] for j in expected.values()) == [24, 24, 24]
     assert all(j["duplicates"] == 0 for j in expected.values())
+
+
+def test_alerting_keeps_the_larger_count_from_a_partition_replaying_behind_its_last_report() -> (
+    None
+):
+    from streams.core.rules import SpikeConfig
+    from streams.core.spikes import WindowAggregator
+    from tests.unit.test_spikes import partial
+
+    aggregator = WindowAggregator(SpikeConfig(), 2, [("r", "web")], {"r": "low"}, wall=lambda: 0.0)
+    w = 0  # window [0, 60 s)
+    aggregator.update(partial(0, 90_000, {w: {"r|web": 5}}))
+    # Taken over after a crash: the new owner recovered an older state.
+    aggregator.update(partial(0, 30_000, {w: {"r|web": 3}}))
+    assert aggregator.state.windows["0"]["0"]["r|web"].count == 5  # does not shrink
+    assert aggregator.state.stream_times["0"] == 90_000
+    # The last reports before the crash were lost; its replay gets further.
+    aggregator.update(partial(0, 80_000, {w: {"r|web": 7}}))
+    assert aggregator.state.windows["0"]["0"]["r|web"].count == 7
+    aggregator.update(partial(0, 200_000, {}))  # caught up, and pruned the window
+    aggregator.update(partial(1, 200_000, {w: {"r|web": 1}}))
+    window = aggregator.state.windows["0"]
+    assert {p: c["r|web"].count for p, c in window.items()} == {"0": 7, "1": 1}
