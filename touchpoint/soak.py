@@ -203,6 +203,7 @@ class Soak:
         return {
             "worker_rss_mb": rss_mb(worker),
             "journeys": journeys,
+            "scheduled": stats.get("scheduled_states"),
             "tasks": stats.get("asyncio_tasks"),
             "threads": stats.get("threads"),
             "worker_fds": open_fds(worker),
@@ -217,6 +218,7 @@ class Soak:
 COLUMNS = (
     "worker_rss_mb",
     "journeys",
+    "scheduled",
     "tasks",
     "threads",
     "worker_fds",
