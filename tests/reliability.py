@@ -479,6 +479,9 @@ class Run:
     accounting: Accounting
     seconds: float
     log: list[str]
+    # Touchpoints the last worker handled (replays included): after a kill -9
+    # mid-stream, at least the part of the stream the killed worker had not reached.
+    last_worker_touchpoints: int = 0
 
 
 class Scenario:
@@ -518,7 +521,7 @@ class Scenario:
         """Touchpoints the live workers handled since they started (replays included)."""
         return sum((h or {}).get("touchpoints", 0) for h in (w.health() for w in workers))
 
-    def settle(self, worker: WorkerProcess, timeout: float = 300.0) -> None:
+    def settle(self, worker: WorkerProcess, timeout: float = 300.0) -> dict[str, Any]:
         """Wait for the closing events to be applied and everything applied to be flushed.
 
         Closing events close thousands of journeys at once; their summaries
@@ -536,12 +539,14 @@ class Scenario:
         wait_until(closers_seen, timeout, interval=1.0)
         last: list[Any] = [None]
         since: list[float] = [time.monotonic()]
+        seen: dict[str, Any] = {}
 
         def done() -> bool:
             try:
                 stats = httpx.get(f"{worker.url}/stats", timeout=10).json()
             except (httpx.HTTPError, ValueError):
                 return False
+            seen.update(stats)
             now = (stats["touchpoints"], stats["bundles"], stats["alerts_sent"])
             if now != last[0] or stats["flushed_touchpoints"] != stats["touchpoints"]:
                 last[0], since[0] = now, time.monotonic()
@@ -550,6 +555,7 @@ class Scenario:
 
         wait_until(done, timeout, interval=0.5)
         self.note("settled: closers applied, nothing new for 3 s, all of it flushed")
+        return seen
 
     def collect(self, worker: WorkerProcess) -> Accounting:
         topics = self.topics
@@ -610,9 +616,9 @@ def run_crash(
             worker = p.worker()
             worker.wait_ready(partitions=PARTITIONS)
             s.note("restarted worker ready")
-        s.settle(worker)
+        stats = s.settle(worker)
         acc = s.collect(worker)
-        return Run(acc, time.monotonic() - s.started, s.log)
+        return Run(acc, time.monotonic() - s.started, s.log, stats["touchpoints"])
     finally:
         s.close()
 
@@ -673,6 +679,12 @@ def run_rebalance(
         s.close()
 
 
+def _journey_content(summary: dict[str, Any]) -> dict[str, Any]:
+    # "duplicates" counts redelivered events the journey dropped: ingest and
+    # the collector deliver at least once, so redeliveries vary from run to run.
+    return {k: v for k, v in summary.items() if k != "duplicates"}
+
+
 def compare(
     traffic: Traffic, disturbed: Accounting, reference: Accounting, *, alerts: bool = True
 ) -> list[str]:
@@ -690,7 +702,7 @@ def compare(
         return {k: v for k, v in by_id.items() if key(v) not in traffic.stitched}
 
     for what, a, b, same in (
-        ("journeys", disturbed.closed, reference.closed, lambda r: r),
+        ("journeys", disturbed.closed, reference.closed, _journey_content),
         ("late events", disturbed.late_by_id, reference.late_by_id, lambda r: r["event"]),
         ("signals", disturbed.signal_by_id, reference.signal_by_id, lambda r: r),
     ):
@@ -699,10 +711,13 @@ def compare(
         lost, extra = sorted(set(theirs) - set(mine)), sorted(set(mine) - set(theirs))
         changed = sorted(k for k in set(mine) & set(theirs) if same(mine[k]) != same(theirs[k]))
         if lost or extra or changed:
+            fields = sorted(
+                {f for k in changed for f in mine[k] if mine[k].get(f) != theirs[k].get(f)}
+            )
             problems.append(
                 f"{what} of unstitched customers differ from the undisturbed run: "
                 f"{len(lost)} missing (e.g. {lost[:3]}), {len(extra)} extra (e.g. {extra[:3]}), "
-                f"{len(changed)} changed (e.g. {changed[:3]})"
+                f"{len(changed)} changed (e.g. {changed[:3]}, in {fields})"
             )
     if alerts and disturbed.alert_keys != reference.alert_keys:
         problems.append(
@@ -751,6 +766,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run = run_rebalance(kafka, tmp, traffic, per_second=args.rate)
         print(f"{args.scenario}: {run.accounting.figures()}  [{run.seconds:.0f}s]")
+        print(f"  the last worker handled {run.last_worker_touchpoints:,} touchpoints")
         for problem in run.accounting.problems:
             print(f"  PROBLEM {problem}")
         failed = bool(run.accounting.problems)
