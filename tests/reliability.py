@@ -672,9 +672,9 @@ def run_rebalance(
         pacer.allow(traffic.events)
         pacer.join()
         s.note("all traffic sent")
-        s.settle(a)
+        stats = s.settle(a)
         acc = s.collect(a)
-        return Run(acc, time.monotonic() - s.started, s.log)
+        return Run(acc, time.monotonic() - s.started, s.log, stats["touchpoints"])
     finally:
         s.close()
 
