@@ -427,6 +427,8 @@ class Sessionizer:
         if state.alias_of == customer_id and not state.journeys:
             return  # replayed link
         state.alias_of = customer_id
+        if ts > state.touched:
+            state.touched = ts  # the alias lives (and expires) from the link on
         payload = _MergePayload(link_event_id, state.journeys, list(state.seen))
         fx.forwards.append(
             (customer_id, Merge(customer_id, state.key, ts, msgspec.to_builtins(payload)))

@@ -394,3 +394,13 @@ def test_redelivered_events_are_never_counted_twice(raw, repeats) -> None:
         t.event.event_id for t in d.late
     )
     assert counted == Counter(e.event.event_id for e in events)
+
+
+def test_an_alias_first_seen_in_its_identify_event_outlives_the_link() -> None:
+    sessionizer = Sessionizer(SessionConfig())
+    alias = CustomerState("anon-1")
+    t = 1_793_607_300_000
+    sessionizer.link(alias, "cust-1", "identify-1", t, Effects())
+    assert alias.alias_of == "cust-1"
+    assert not sessionizer.expired(alias, t + MINUTE)  # kept to stitch later anonymous events
+    assert sessionizer.next_deadline(alias) == t + SessionConfig().expire_ms
