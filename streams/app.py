@@ -17,9 +17,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -122,7 +124,10 @@ class RocksTableStore:
     def scan(self, partition: int) -> Iterable[tuple[bytes, bytes]]:
         db = self._db(partition)
         for key, value in db.items():
-            yield bytes(key), bytes(value)
+            key = bytes(key)
+            if key.startswith(b"__faust"):
+                continue  # Faust's own bookkeeping (the changelog offset it has applied)
+            yield key, bytes(value)
 
 
 class JourneyStage:
@@ -166,6 +171,7 @@ class JourneyStage:
         self.redis = RedisJourneySink(settings.redis) if settings.redis.enabled else None
         self.processor: JourneyProcessor | None = None
         self.alerting: AlertStage | None = None
+        self.clean_marker: Path | None = None  # rocksdb: written after a clean stop
         self._stream: Any = None
         self._unacked: list[Any] = []
         self._flush_lock = asyncio.Lock()
@@ -416,6 +422,10 @@ class JourneyStage:
         """Clean stop: persist and ack what was processed, so a restart replays nothing."""
         if self.processor is not None:
             await self.flush()
+        if self.clean_marker is not None and not self.delivery_failed:
+            # Everything local is also in the changelog: keep it for the next start.
+            self.clean_marker.parent.mkdir(parents=True, exist_ok=True)
+            self.clean_marker.touch()
         if self.redis is not None:
             self.redis.stop()
 
@@ -604,6 +614,37 @@ def create_app(
         # alerting table's changelog is written by Faust's producer.
         producer_max_batch_size=1 if worker.changelog_single_record_batches else None,
     )
+    if worker.store.startswith("rocksdb"):
+        stage_marker = _wipe_after_unclean_stop(Path(app.conf.tabledir))
+    else:
+        stage_marker = None
     stage = JourneyStage(app, settings, kafka, rules)
+    stage.clean_marker = stage_marker
     stage.alerting = AlertStage(app, settings, stage.output, rules)
     return app, stage
+
+
+CLEAN_MARKER = "clean-shutdown"
+
+
+def _wipe_after_unclean_stop(tabledir: Path) -> Path:
+    """Drop local table state unless the last run stopped cleanly; returns the marker path.
+
+    The local RocksDB store is written when a flush starts, the changelog only
+    once the flush's outputs are delivered. After a crash the local store can
+    therefore hold states (with their applied positions) whose outputs never
+    reached Kafka, and a restart would skip those bundles. As Kafka Streams
+    does under exactly-once after an unclean shutdown, the local state is
+    wiped and rebuilt from the changelog, which never runs ahead of the
+    outputs. A clean stop (final flush delivered) leaves a marker that keeps
+    the local state for a fast restart.
+    """
+    marker = tabledir / CLEAN_MARKER
+    if marker.exists():
+        marker.unlink()
+    elif tabledir.exists() and any(tabledir.iterdir()):
+        log.warning(
+            "last run did not stop cleanly: rebuilding local state %s from changelogs", tabledir
+        )
+        shutil.rmtree(tabledir)
+    return marker

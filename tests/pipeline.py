@@ -40,8 +40,9 @@ def wait_until(check: Callable[[], Any], timeout: float = 60.0, interval: float 
 
 
 class WorkerProcess:
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.port = free_port()
+    def __init__(self, env: dict[str, str], log_path: Path, port: int | None = None) -> None:
+        # The same port means the same local state directory (a restart in place).
+        self.port = port or free_port()
         self.env = {**env, "TOUCHPOINT_WORKER_WEB_PORT": str(self.port)}
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
@@ -154,8 +155,8 @@ class Pipeline:
         if not self._thread.is_alive():
             self._thread.start()
 
-    def worker(self) -> WorkerProcess:
-        worker = WorkerProcess(self.env, self.tmp / f"worker-{len(self.workers)}.log")
+    def worker(self, port: int | None = None) -> WorkerProcess:
+        worker = WorkerProcess(self.env, self.tmp / f"worker-{len(self.workers)}.log", port)
         self.workers.append(worker)
         return worker.start()
 

@@ -204,6 +204,37 @@ def test_state_survives_a_crash_exactly(pipeline: Pipeline) -> None:
 
 
 @pytest.mark.parametrize("pipeline", [LONG], indirect=True)
+def test_rocksdb_state_is_kept_after_a_clean_stop_and_rebuilt_after_a_crash(
+    pipeline: Pipeline,
+) -> None:
+    """The production store: a clean stop keeps local state, kill -9 rebuilds it from changelogs."""
+    pipeline.env["TOUCHPOINT_WORKER_STORE"] = "rocksdb://"
+    customers = [f"cust-rocks-{i}" for i in range(8)]
+    t = now_ms()
+    first = pipeline.worker()
+    first.wait_ready(partitions=pipeline.topics.partitions)
+    pipeline.send(*[page_view(f"k1-{c}", customer_id=c, ts=t) for c in customers])
+    wait_until(lambda: _counts(first, customers) == {c: 1 for c in customers}, 30)
+    first.stop()
+    assert first.process is not None and first.process.returncode == 0, first.log_tail()
+
+    second = pipeline.worker(port=first.port)  # same port: same local state directory
+    second.wait_ready(partitions=pipeline.topics.partitions)
+    assert "did not stop cleanly" not in second.log_path.read_text()
+    wait_until(lambda: _counts(second, customers) == {c: 1 for c in customers}, 60)
+    pipeline.send(*[page_view(f"k2-{c}", customer_id=c, ts=t + 1) for c in customers])
+    wait_until(lambda: second.health()["touchpoints"] >= len(customers), 30)
+    second.kill()
+
+    third = pipeline.worker(port=first.port)
+    third.wait_ready(partitions=pipeline.topics.partitions)
+    assert "did not stop cleanly" in third.log_path.read_text()
+    wait_until(lambda: _counts(third, customers) == {c: 2 for c in customers}, 60)
+    _status, body = third.journey(customers[0])
+    assert body["live"][0]["duplicates"] == 0
+
+
+@pytest.mark.parametrize("pipeline", [LONG], indirect=True)
 def test_rebalance_between_two_workers_keeps_state_and_routes_lookups(pipeline: Pipeline) -> None:
     a = pipeline.worker()
     a.wait_ready(partitions=pipeline.topics.partitions)
