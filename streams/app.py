@@ -361,17 +361,28 @@ class JourneyStage:
     async def on_revoked(self, app: Any, revoked: set[Any], **_kw: Any) -> None:
         if self.processor is None:
             return
-        await self.flush()
+        # Bundles handled while a flush awaits the broker are not in that flush.
+        # Their state changes would be dropped with the partition below while
+        # the bundles stay in the unacked list, to be acked by a later flush:
+        # if this worker keeps the partition, Faust does not read them again
+        # and they are lost. So flush until nothing is left unpersisted (the
+        # check and the drop below run without an await in between).
+        for _ in range(20):
+            await self.flush()
+            if not self._unacked or self.delivery_failed:
+                break
         topic = self.source.get_topic_name()
-        for tp in revoked:
-            if tp.topic == topic:
-                self.processor.drop_partition(tp.partition)
-                self._handled.pop(tp.partition, None)
-                # Another worker reports this partition's lag from now on.
-                with contextlib.suppress(KeyError):
-                    metrics.CONSUMER_LAG.remove(
-                        self.settings.worker.app_id, topic, str(tp.partition)
-                    )
+        gone = {tp.partition for tp in revoked if tp.topic == topic}
+        if self._unacked:
+            # Still not persisted (delivery failed, or the stream would not pause):
+            # never ack them; whoever owns the partitions next reads them again.
+            self._unacked = [e for e in self._unacked if e.message.partition not in gone]
+        for partition in gone:
+            self.processor.drop_partition(partition)
+            self._handled.pop(partition, None)
+            # Another worker reports this partition's lag from now on.
+            with contextlib.suppress(KeyError):
+                metrics.CONSUMER_LAG.remove(self.settings.worker.app_id, topic, str(partition))
 
     def stats(self) -> dict[str, Any]:
         """Counters for benchmarks and operators (this worker only)."""
