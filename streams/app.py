@@ -388,6 +388,7 @@ class JourneyStage:
         """Counters for benchmarks and operators (this worker only)."""
         processor = self.processor
         sizes = processor.state_sizes if processor else {}
+        aggregator = self.alerting.aggregator if self.alerting else None
         return {
             "bundles": self.bundles,
             "touchpoints": self.touchpoints,
@@ -410,23 +411,11 @@ class JourneyStage:
             "asyncio_tasks": len(asyncio.all_tasks()),
             "threads": threading.active_count(),
             "alerts_sent": self.alerting.alerts_sent if self.alerting else 0,
-            "alerts_firing": (
-                self.alerting.aggregator.firing()
-                if self.alerting and self.alerting.aggregator
-                else {}
-            ),
+            "alerts_firing": aggregator.firing() if aggregator else {},
             # Start of the last alert window closed on this worker (-1: none; only
             # the worker that owns the signal-counts partition closes windows).
-            "alert_window_closed": (
-                self.alerting.aggregator.state.last_closed
-                if self.alerting and self.alerting.aggregator
-                else -1
-            ),
-            "alert_late_signals": (
-                self.alerting.aggregator.late_signals
-                if self.alerting and self.alerting.aggregator
-                else 0
-            ),
+            "alert_window_closed": aggregator.state.last_closed if aggregator else -1,
+            "alert_late_signals": aggregator.late_signals if aggregator else 0,
         }
 
     async def on_shutdown(self, app: Any, **_kw: Any) -> None:

@@ -68,6 +68,12 @@ class WorkerProcess:
         except httpx.HTTPError:
             return None
 
+    def stats(self) -> dict[str, Any]:
+        """The worker's /stats counters (raises if it does not answer)."""
+        response = httpx.get(f"{self.url}/stats", timeout=10)
+        response.raise_for_status()
+        return response.json()  # type: ignore[no-any-return]
+
     def wait_ready(self, partitions: int | None = None, timeout: float = 90.0) -> None:
         def ready() -> bool:
             assert self.process is not None and self.process.poll() is None, self.log_tail()

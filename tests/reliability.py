@@ -543,7 +543,7 @@ class Scenario:
 
         def done() -> bool:
             try:
-                stats = httpx.get(f"{worker.url}/stats", timeout=10).json()
+                stats = worker.stats()
             except (httpx.HTTPError, ValueError):
                 return False
             seen.update(stats)

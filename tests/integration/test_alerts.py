@@ -17,7 +17,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from streams.core.sessionizer import MINUTE
@@ -77,7 +76,7 @@ def run_broker(
             last = T0 + MINUTES * MINUTE - 5 * MINUTE
 
             def closed() -> Any:
-                stats = httpx.get(f"{worker.url}/stats", timeout=5).json()
+                stats = worker.stats()
                 return stats if stats["alert_window_closed"] >= last else None
 
             stats = wait_until(closed, 120)
@@ -89,8 +88,7 @@ def run_broker(
             return any(d["rule"] == "cart_abandonment" and d["state"] == "resolved" for d in docs)
 
         alerts = p.read(topics.alerts, settled, timeout=120)
-        stats = httpx.get(f"{worker.url}/stats", timeout=5).json()
-        assert stats["alert_late_signals"] == 0  # every signal counted in its window
+        assert worker.stats()["alert_late_signals"] == 0  # every signal counted in its window
         return alerts
     finally:
         p.close()

@@ -323,7 +323,7 @@ def test_redis_outage_buffer_bound_and_catch_up(
         sent = 2 * len(web_customers) + len(store_customers) + len(new_customers)
 
         # Processing goes on without Redis: every event is applied and looked up.
-        wait_until(lambda: httpx.get(f"{worker.url}/stats").json()["touchpoints"] >= sent, 60)
+        wait_until(lambda: worker.stats()["touchpoints"] >= sent, 60)
         for customer in new_customers:
             assert live_journey(worker, customer) is not None, customer
         # Store journeys close meanwhile (their Redis keys must go once it is back).
