@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -34,7 +35,7 @@ from streams.bundles import Partitioner
 from streams.core.rules import RuleEngine, RulesConfig, load_rules
 from streams.core.sessionizer import Sessionizer
 from streams.core.spikes import ALL_CHANNELS, AlertState, Partial, WindowAggregator
-from streams.journeys import META_PREFIX, JourneyProcessor, StateStore
+from streams.journeys import META_PREFIX, JourneyProcessor, SortedPages, StateStore
 from touchpoint import jsonio, metrics
 from touchpoint.config import CHANNELS, KafkaSettings, Settings
 
@@ -60,6 +61,7 @@ class MemoryTableStore:
     def __init__(self, table: Any, partitions: int) -> None:
         self._data: dict[bytes, bytes] = table.data.data
         self._partition_of = Partitioner(partitions)
+        self._pages = SortedPages()
 
     def get(self, key: bytes, partition: int) -> bytes | None:
         return self._data.get(key)
@@ -80,6 +82,9 @@ class MemoryTableStore:
                 not key.startswith(META_PREFIX) and self._partition_of(key.decode()) == partition
             ):
                 yield key, value
+
+    def page(self, partition: int, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
+        return self._pages.page(partition, after, limit, self.scan, self._data.get)
 
 
 class RocksTableStore:
@@ -128,6 +133,19 @@ class RocksTableStore:
             if key.startswith(b"__faust"):
                 continue  # Faust's own bookkeeping (the changelog offset it has applied)
             yield key, bytes(value)
+
+    def page(self, partition: int, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
+        # A fresh iterator per page: none is held across awaits, when Faust may
+        # close the partition's database (revoked).
+        found: list[tuple[bytes, bytes]] = []
+        for key, value in self._db(partition).items(from_key=after):
+            key = bytes(key)
+            if key == after or key.startswith(b"__faust"):
+                continue
+            found.append((key, bytes(value)))
+            if len(found) >= limit:
+                break
+        return found
 
 
 class JourneyStage:
@@ -321,6 +339,7 @@ class JourneyStage:
             ):
                 self.processor.load_partition(tp.partition)
         self.processor.sweep()
+        self.processor.expire_stored()
 
     async def gauges(self) -> None:
         if self.processor is None:
@@ -402,6 +421,12 @@ class JourneyStage:
             "scheduled_states": (
                 sum(len(p.scheduled) for p in processor.parts.values()) if processor else 0
             ),
+            "heap_entries": (
+                sum(len(p.heap) for p in processor.parts.values()) if processor else 0
+            ),
+            # Python objects alive (pymalloc blocks): separates growth of Python
+            # state from native memory (RocksDB, librdkafka) in soak runs.
+            "allocated_blocks": sys.getallocatedblocks(),
             "state_bytes_by_touchpoints": {
                 n: round(total / states) for n, (states, total) in sorted(sizes.items())
             },

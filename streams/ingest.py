@@ -32,6 +32,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 from msgspec import UNSET, Raw
+from murmurhash2 import murmurhash2 as _murmur2
 
 from schemas.decoder import REASONS, EventDecoder, Rejected, Rejection, _heads, _tails
 from sinks import deadletter
@@ -136,7 +137,7 @@ class Ingestor:
         min_ms, max_ms = decoder.time_bounds()
         heads, tails = _heads, _tails
         partition_of = self.partitioner
-        known_partitions = self.partitioner._cache
+        murmur2, seed, partitions = _murmur2, Partitioner.SEED, self.partitioner.partitions
         by_type = STAGE_BY_TYPE
         progress = result.progress
         max_ts = 0
@@ -180,9 +181,7 @@ class Ingestor:
                     event, ts = decode(value)
                     cid = event.customer_id
                     key = event.anonymous_id if cid is UNSET else cid
-                partition = known_partitions.get(key)
-                if partition is None:
-                    partition = partition_of(key)
+                partition = (murmur2(key.encode(), seed) & 0x7FFFFFFF) % partitions  # inlined
                 etype = event.event_type
                 stage = by_type.get(etype)
                 if stage is None:

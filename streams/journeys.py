@@ -14,6 +14,7 @@ exactly once: a state that already contains a bundle skips it.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import logging
 import time
@@ -63,7 +64,43 @@ class StateStore(Protocol):
     def delete(self, key: bytes, partition: int) -> None: ...
     def commit(self) -> None:
         """Apply the writes since the last commit (stores may batch them)."""
+
     def scan(self, partition: int) -> Iterable[tuple[bytes, bytes]]: ...
+    def page(self, partition: int, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
+        """Up to ``limit`` of the partition's entries with keys after ``after``, in key order.
+
+        For the expiry scan, a page per sweep; a short page ends a pass.
+        """
+        ...
+
+
+class SortedPages:
+    """:meth:`StateStore.page` for stores without key order (dicts): a sorted
+    snapshot of the keys taken when a pass starts."""
+
+    def __init__(self) -> None:
+        self._keys: dict[int, list[bytes]] = {}
+
+    def page(
+        self,
+        partition: int,
+        after: bytes | None,
+        limit: int,
+        scan: Callable[[int], Iterable[tuple[bytes, bytes]]],
+        get: Callable[[bytes], bytes | None],
+    ) -> list[tuple[bytes, bytes]]:
+        if after is None or partition not in self._keys:
+            self._keys[partition] = sorted(k for k, _v in scan(partition))
+        keys = self._keys[partition]
+        start = 0 if after is None else bisect.bisect_right(keys, after)
+        found = []
+        for key in keys[start : start + limit]:
+            value = get(key)
+            if value is not None:
+                found.append((key, value))
+        if start + limit >= len(keys):
+            del self._keys[partition]  # pass done
+        return found
 
 
 class DictStore:
@@ -72,6 +109,7 @@ class DictStore:
     def __init__(self, partition_of: Callable[[str], int]) -> None:
         self.data: dict[bytes, bytes] = {}
         self.partition_of = partition_of
+        self._pages = SortedPages()
 
     def get(self, key: bytes, partition: int) -> bytes | None:
         return self.data.get(key)
@@ -89,6 +127,9 @@ class DictStore:
         for key, value in list(self.data.items()):
             if key.startswith(META_PREFIX) or self.partition_of(key.decode()) == partition:
                 yield key, value
+
+    def page(self, partition: int, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
+        return self._pages.page(partition, after, limit, self.scan, self.data.get)
 
 
 def _appender(
@@ -114,6 +155,11 @@ class PartitionState:
     heap: list[tuple[int, str]] = field(default_factory=list)
     scheduled: dict[str, int] = field(default_factory=dict)
     meta_dirty: bool = False
+    # Expiry scan of the stored states: the last key of the page scanned
+    # (None: no pass running) and when the next pass may start (wall clock).
+    expiry_cursor: bytes | None = None
+    expiry_scanning: bool = False
+    expiry_next_pass: float = 0.0
 
 
 class JourneyProcessor:
@@ -203,7 +249,8 @@ class JourneyProcessor:
         return part if part is not None else self.load_partition(partition)
 
     # ------------------------------------------------------------ state access
-    def state(self, key: str) -> CustomerState:
+    def state(self, key: str, now: int | None = None) -> CustomerState:
+        """The key's state, cached; a stored state expired at stream time ``now`` reads as new."""
         state = self.cache.get(key)
         if state is None:
             raw = (
@@ -211,7 +258,9 @@ class JourneyProcessor:
                 if key in self.forgotten
                 else self.store.get(key.encode(), self.partition_of(key))
             )
-            state = decode_state(raw) if raw is not None else CustomerState(key)
+            state = decode_state(raw) if raw is not None else None
+            if state is None or (now is not None and self.sessionizer.expired(state, now)):
+                state = CustomerState(key)  # a stored one is overwritten at the next flush
             self.cache[key] = state
         return state
 
@@ -228,15 +277,25 @@ class JourneyProcessor:
     def _schedule(self, part: PartitionState, state: CustomerState) -> None:
         """Make sure the key's earliest deadline is on the partition's heap.
 
+        Only journey closes and rule deadlines are scheduled: a state that only
+        waits for its 30-day expiry takes no memory beyond the store. Such
+        states are expired on the stream time when next read (:meth:`state`)
+        and removed from the store by the expiry scan (:meth:`expire_stored`),
+        so the heap holds the customers with something live, not every
+        customer of the last 30 days.
+
         A key keeps its entry while the new deadline is not earlier (an entry
         that pops early is simply rescheduled). Deadlines can move earlier: a
-        customer whose state waits for its 30-day expiry comes back and opens
-        a journey, or a new cart starts a shorter absence deadline. Then a new
-        entry is pushed and the old one is skipped when it pops (superseded);
-        the heap is rebuilt when such stale entries pile up.
+        customer comes back and opens a journey, or a new cart starts a
+        shorter absence deadline. Then a new entry is pushed and the old one
+        is skipped when it pops (superseded); the heap is rebuilt when such
+        stale entries pile up.
         """
-        deadline = self.sessionizer.next_deadline(state)
+        deadline = self.sessionizer.live_deadline(state)
         key = state.key
+        if deadline is None:
+            part.scheduled.pop(key, None)  # a heap entry left behind is skipped when it pops
+            return
         existing = part.scheduled.get(key)
         if existing is not None and existing <= deadline:
             return
@@ -246,6 +305,44 @@ class JourneyProcessor:
         if len(heap) > 2 * len(part.scheduled) + 1024:
             part.heap = [(d, k) for k, d in part.scheduled.items()]
             heapq.heapify(part.heap)
+
+    def expire_stored(self, budget: int = 2_000, pause_s: float = 60.0) -> int:
+        """Remove stored states whose expiry the stream time has passed; returns how many.
+
+        Walks each partition's store a page of ``budget`` states per call (the
+        worker calls it on its sweep timer), starting a new pass at most every
+        ``pause_s`` seconds. Removal is a changelog tombstone, a store delete
+        and a Redis delete, written by the next flush like any other change.
+        A state read before the scan reaches it is expired on read instead
+        (:meth:`state`), so the outcome depends on stream time only, not on
+        when the scan passes.
+        """
+        expired = 0
+        wall = self.wall()
+        for partition, part in self.parts.items():
+            if not part.expiry_scanning:
+                if wall < part.expiry_next_pass:
+                    continue
+                part.expiry_scanning, part.expiry_cursor = True, None
+            now = part.clock.now()
+            page = self.store.page(partition, part.expiry_cursor, budget)
+            for raw_key, raw in page:
+                if raw_key.startswith(META_PREFIX):
+                    continue
+                key = raw_key.decode()
+                if key in self.cache or key in self.dirty or key in self.forgotten:
+                    continue
+                if self.sessionizer.expired(decode_state(raw), now):
+                    self.forgotten.add(key)
+                    self.dirty.add(key)
+                    expired += 1
+            if len(page) < budget:
+                part.expiry_scanning = False
+                part.expiry_next_pass = wall + pause_s
+            else:
+                part.expiry_cursor = page[-1][0]
+        self.counts["expired"] += expired
+        return expired
 
     # ------------------------------------------------------------ bundles
     def handle(self, partition: int, offset: int, value: bytes) -> int:
@@ -279,7 +376,7 @@ class JourneyProcessor:
                 key = item.key
             if key in skipped:
                 continue
-            state = self.cache.get(key) or self.state(key)
+            state = self.cache.get(key) or self.state(key, now)
             if key not in fresh:
                 if state.pos >= offset:
                     skipped.add(key)  # applied before a crash: exactly once

@@ -204,6 +204,11 @@ class Soak:
             "worker_rss_mb": rss_mb(worker),
             "journeys": journeys,
             "scheduled": stats.get("scheduled_states"),
+            "cached": stats.get("cached_states"),
+            "heap": stats.get("heap_entries"),
+            "py_kblocks": (stats["allocated_blocks"] / 1000)
+            if "allocated_blocks" in stats
+            else None,
             "tasks": stats.get("asyncio_tasks"),
             "threads": stats.get("threads"),
             "worker_fds": open_fds(worker),
@@ -219,6 +224,9 @@ COLUMNS = (
     "worker_rss_mb",
     "journeys",
     "scheduled",
+    "cached",
+    "heap",
+    "py_kblocks",
     "tasks",
     "threads",
     "worker_fds",

@@ -122,6 +122,11 @@ class Sessionizer:
 
     def next_deadline(self, state: CustomerState) -> int:
         """The earliest time something is due for this state (close, rule deadline or expiry)."""
+        due = self.live_deadline(state)
+        return due if due is not None else state.touched + self.config.expire_ms
+
+    def live_deadline(self, state: CustomerState) -> int | None:
+        """The earliest journey close or rule deadline; None if only expiry is left."""
         journeys = state.journeys
         earliest = None
         if journeys:
@@ -135,7 +140,7 @@ class Sessionizer:
             rule_due = self.rules.next_deadline(state)
             if rule_due is not None and (earliest is None or rule_due < earliest):
                 earliest = rule_due
-        return earliest if earliest is not None else state.touched + self.config.expire_ms
+        return earliest
 
     def close_due(self, state: CustomerState, now: int, fx: Effects) -> bool:
         """Close journeys whose deadline has passed and fire due rules; True if anything changed.

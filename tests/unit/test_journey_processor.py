@@ -1,8 +1,9 @@
 """The journey stage's shell around the sessionizer, without Kafka: deadlines on stream time.
 
 A partition keeps a heap of per-customer deadlines (journey close, rule
-deadlines, 30-day expiry) and fires them as its stream time passes them, even
-for customers that send nothing more.
+deadlines) and fires them as its stream time passes them, even for customers
+that send nothing more. States that only wait for their expiry are not on the
+heap: they expire when read and are removed from the store by a paged scan.
 """
 
 from __future__ import annotations
@@ -28,14 +29,18 @@ T = BASE_MS
 class Stage:
     """One partition of the journey stage, fed one bundle per call."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, expire_ms: int = SessionConfig.expire_ms) -> None:
         rules = load_rules(scenario_rules(tmp_path))  # cart deadline 15 min
         partition_of = Partitioner(1)
         self.out = Outputs(TopicSettings())
+        self.store = DictStore(partition_of)
         self.processor = JourneyProcessor(
-            Sessionizer(SessionConfig(gap_ms=10 * MINUTE, grace_ms=MINUTE), RuleEngine(rules)),
+            Sessionizer(
+                SessionConfig(gap_ms=10 * MINUTE, grace_ms=MINUTE, expire_ms=expire_ms),
+                RuleEngine(rules),
+            ),
             partitions=1,
-            store=DictStore(partition_of),
+            store=self.store,
             output=self.out,  # type: ignore[arg-type]
             topics=self.out.topics,
             wall=lambda: 0.0,
@@ -99,3 +104,46 @@ def test_the_deadline_heap_stays_bounded_when_deadlines_move_earlier(tmp_path: P
     assert len(part.scheduled) == len(customers)
     assert len(part.heap) <= 2 * len(part.scheduled) + 1024
     assert len(stage.journeys("c0")) == 5  # the sixth is still open
+
+
+def test_states_waiting_only_for_expiry_leave_the_heap_and_are_scanned_out_of_the_store(
+    tmp_path: Path,
+) -> None:
+    stage = Stage(tmp_path, expire_ms=60 * MINUTE)
+    processor = stage.processor
+    customers = [f"c{i}" for i in range(50)]
+    stage.feed(*(page_view(f"{c}-1", customer_id=c, ts=T) for c in customers))
+    # bob moves stream time on: the journeys close, nothing else is due for them.
+    stage.feed(page_view("b-1", customer_id="bob", ts=T + 20 * MINUTE))
+    processor.flush()
+    part = processor.parts[0]
+    assert set(part.scheduled) == {"bob"}
+    assert all(k.encode() in stage.store.data for k in customers)  # kept for returning customers
+    stage.feed(page_view("b-2", customer_id="bob", ts=T + 50 * MINUTE))
+    assert processor.expire_stored(budget=100) == 0  # not yet 60 min after their last event
+    assert not part.expiry_scanning  # one short page: the pass ended; the next one waits
+    stage.feed(page_view("b-3", customer_id="bob", ts=T + 61 * MINUTE))
+    part.expiry_next_pass = 0.0
+    removed = sum(processor.expire_stored(budget=7) for _ in range(10))
+    assert removed == len(customers)  # in pages of 7, each state once
+    processor.flush()
+    assert not any(k.encode() in stage.store.data for k in customers)
+    assert b"bob" in stage.store.data
+
+
+def test_a_state_read_after_its_expiry_starts_afresh_before_the_scan_reaches_it(
+    tmp_path: Path,
+) -> None:
+    stage = Stage(tmp_path, expire_ms=60 * MINUTE)
+    stage.feed(page_view("a-1", customer_id="alice", ts=T))
+    stage.feed(page_view("b-1", customer_id="bob", ts=T + 30 * MINUTE))  # alice's journey closes
+    stage.processor.flush()
+    stage.feed(page_view("b-2", customer_id="bob", ts=T + 90 * MINUTE))
+    stage.processor.flush()
+    assert b"alice" in stage.store.data  # expired, but the scan has not run
+    # The same event id again: within the expiry it is a duplicate, after it a new event.
+    stage.feed(page_view("a-1", customer_id="alice", ts=T + 91 * MINUTE))
+    view = stage.processor.lookup("alice")
+    assert view is not None
+    assert view["recent"] == []  # the expired history is gone
+    assert [j["touchpoint_count"] for j in view["live"]] == [1]
