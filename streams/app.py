@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import shutil
@@ -52,6 +53,40 @@ ROCKSDB_OPTIONS = {
     "block_cache_size": 32 * 2**20,
     "write_buffer_size": 16 * 2**20,
     "max_write_buffer_number": 2,
+}
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+            "uordblks", "fordblks", "keepcost",
+        )
+    ]  # fmt: skip
+
+
+def malloc_stats() -> dict[str, float]:
+    """glibc's heap (MB): in use, free but kept (fragmentation), mmapped; {} elsewhere."""
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+    except (AttributeError, OSError):
+        return {}
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    mb = 2**20
+    return {
+        "in_use_mb": round(info.uordblks / mb, 1),
+        "free_mb": round(info.fordblks / mb, 1),
+        "mmap_mb": round(info.hblkhd / mb, 1),
+    }
+
+
+ROCKSDB_MEMORY = {
+    "memtables": "rocksdb.cur-size-all-mem-tables",
+    "block_cache": "rocksdb.block-cache-usage",
+    "table_readers": "rocksdb.estimate-table-readers-mem",
+    "keys": "rocksdb.estimate-num-keys",
 }
 
 
@@ -133,6 +168,14 @@ class RocksTableStore:
             if key.startswith(b"__faust"):
                 continue  # Faust's own bookkeeping (the changelog offset it has applied)
             yield key, bytes(value)
+
+    def memory(self) -> dict[str, int]:
+        """RocksDB's own memory over the open partition databases, in bytes."""
+        totals = dict.fromkeys(ROCKSDB_MEMORY, 0)
+        for db in list(self._store._dbs.values()):
+            for name, prop in ROCKSDB_MEMORY.items():
+                totals[name] += db.property_int_value(prop) or 0
+        return totals
 
     def page(self, partition: int, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
         # A fresh iterator per page: none is held across awaits, when Faust may
@@ -441,6 +484,14 @@ class JourneyStage:
             # the worker that owns the signal-counts partition closes windows).
             "alert_window_closed": aggregator.state.last_closed if aggregator else -1,
             "alert_late_signals": aggregator.late_signals if aggregator else 0,
+            "malloc": malloc_stats(),
+            # RocksDB's memory outside Python (memtables, block cache, index and
+            # filter blocks of table readers) and its estimated keys.
+            "rocksdb": (
+                processor.store.memory()
+                if processor and isinstance(processor.store, RocksTableStore)
+                else {}
+            ),
         }
 
     async def on_shutdown(self, app: Any, **_kw: Any) -> None:

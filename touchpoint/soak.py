@@ -206,6 +206,13 @@ class Soak:
             "scheduled": stats.get("scheduled_states"),
             "cached": stats.get("cached_states"),
             "heap": stats.get("heap_entries"),
+            "rocks_mb": (
+                (sum(v for k, v in stats["rocksdb"].items() if k != "keys") / 2**20)
+                if stats.get("rocksdb")
+                else None
+            ),
+            "malloc_used": (stats.get("malloc") or {}).get("in_use_mb"),
+            "malloc_free": (stats.get("malloc") or {}).get("free_mb"),
             "py_kblocks": (stats["allocated_blocks"] / 1000)
             if "allocated_blocks" in stats
             else None,
@@ -227,6 +234,9 @@ COLUMNS = (
     "cached",
     "heap",
     "py_kblocks",
+    "rocks_mb",
+    "malloc_used",
+    "malloc_free",
     "tasks",
     "threads",
     "worker_fds",
