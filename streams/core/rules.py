@@ -88,8 +88,11 @@ _OPS: dict[str, Callable[[Any, Any], bool]] = {
 }
 
 
-def _condition(path: str, spec: Any, where: str) -> tuple[Predicate, bool, frozenset[str] | None]:
-    """(predicate, needs properties, event types it can match or None for any)."""
+def _condition(
+    path: str, spec: Any, where: str
+) -> tuple[Predicate, bool, frozenset[str] | None, bool]:
+    """(predicate, needs properties, event types it can match or None for any,
+    whether the predicate is exactly "event_type in those types")."""
     get, needs_props = _getter(path, where)
     if isinstance(spec, dict):
         checks = []
@@ -104,28 +107,74 @@ def _condition(path: str, spec: Any, where: str) -> tuple[Predicate, bool, froze
             value = frozenset(operand) if op in ("in", "not_in") else operand
             checks.append((test, value))
 
-        def predicate(e: Event, p: dict[str, Any] | None) -> bool:
-            found = get(e, p)
-            return all(test(found, value) for test, value in checks)
+        if len(checks) == 1:
+            [(test, value)] = checks
+
+            def predicate(e: Event, p: dict[str, Any] | None) -> bool:
+                return test(get(e, p), value)
+        else:
+
+            def predicate(e: Event, p: dict[str, Any] | None) -> bool:
+                found = get(e, p)
+                for test, value in checks:
+                    if not test(found, value):
+                        return False
+                return True
 
         types = None
         if path == "event_type" and set(spec) <= {"eq", "in"}:
             types = frozenset(spec.get("in", [])) | (
                 frozenset([spec["eq"]]) if "eq" in spec else frozenset()
             )
-        return predicate, needs_props, types
+        return predicate, needs_props, types, types is not None and len(spec) == 1
     if isinstance(spec, list):
         allowed = frozenset(spec)
         return (
             (lambda e, p: get(e, p) in allowed),
             needs_props,
             allowed if path == "event_type" else None,
+            path == "event_type",
         )
     return (
         (lambda e, p: get(e, p) == spec),
         needs_props,
         frozenset([spec]) if path == "event_type" else None,
+        path == "event_type",
     )
+
+
+def _all_of(checks: list[Predicate]) -> Predicate:
+    if len(checks) == 1:
+        return checks[0]
+
+    def predicate(e: Event, p: dict[str, Any] | None) -> bool:
+        for check in checks:
+            if not check(e, p):
+                return False
+        return True
+
+    return predicate
+
+
+def _any_of(alternatives: list[Predicate]) -> Predicate:
+    if len(alternatives) == 1:
+        return alternatives[0]
+
+    def predicate(e: Event, p: dict[str, Any] | None) -> bool:
+        for alternative in alternatives:
+            if alternative(e, p):
+                return True
+        return False
+
+    return predicate
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """One all-of condition set: its event types (None: any) and its other checks."""
+
+    types: frozenset[str] | None
+    checks: tuple[tuple[Predicate, bool], ...]  # (predicate, needs properties)
 
 
 @dataclass(frozen=True)
@@ -135,9 +184,29 @@ class Matcher:
     predicate: Predicate
     needs_properties: bool
     event_types: frozenset[str] | None  # None: any event type
+    alternatives: tuple[Alternative, ...] = ()
 
     def __call__(self, event: Event, props: dict[str, Any] | None) -> bool:
         return self.predicate(event, props)
+
+    def for_type(self, event_type: str) -> tuple[bool, Predicate | None, bool]:
+        """Specialised to events of ``event_type``: (can match, predicate, needs properties).
+
+        Conditions that only test the event type are settled here, so the
+        predicate (None: always true) checks only what is left: most built-in
+        rules need no check at all per event.
+        """
+        left: list[list[tuple[Predicate, bool]]] = []
+        for alternative in self.alternatives:
+            if alternative.types is not None and event_type not in alternative.types:
+                continue
+            if not alternative.checks:
+                return True, None, False
+            left.append(list(alternative.checks))
+        if not left:
+            return False, None, False
+        predicate = _any_of([_all_of([c for c, _needs in checks]) for checks in left])
+        return True, predicate, any(needs for checks in left for _c, needs in checks)
 
 
 def compile_matcher(spec: Any, where: str) -> Matcher:
@@ -145,25 +214,32 @@ def compile_matcher(spec: Any, where: str) -> Matcher:
     if not alternatives or not all(isinstance(a, dict) and a for a in alternatives):
         raise ConfigError(where, ["conditions must be a non-empty table or list of tables"])
     compiled = []
+    specialised = []
     needs = False
     types: set[str] | None = set()
     for alternative in alternatives:
         checks = []
+        rest: list[tuple[Predicate, bool]] = []
         alt_types: frozenset[str] | None = None
         for path, condition in alternative.items():
-            predicate, needs_props, event_types = _condition(path, condition, where)
+            predicate, needs_props, event_types, exact = _condition(path, condition, where)
             checks.append(predicate)
+            if not exact:
+                rest.append((predicate, needs_props))
             needs = needs or needs_props
             if event_types is not None:
                 alt_types = event_types if alt_types is None else alt_types & event_types
-        compiled.append(checks)
+        compiled.append(_all_of(checks))
+        specialised.append(Alternative(alt_types, tuple(rest)))
         if types is not None:
             types = None if alt_types is None else types | alt_types
 
-    def predicate(e: Event, p: dict[str, Any] | None) -> bool:
-        return any(all(check(e, p) for check in checks) for checks in compiled)
-
-    return Matcher(predicate, needs, frozenset(types) if types is not None else None)
+    return Matcher(
+        _any_of(compiled),
+        needs,
+        frozenset(types) if types is not None else None,
+        tuple(specialised),
+    )
 
 
 # ------------------------------------------------------------------ rules
@@ -374,7 +450,7 @@ class RuleEngine:
         self._absence = tuple(r for r in self.rules if r.kind == "absence")
         self._threshold = tuple(r for r in self.rules if r.kind == "threshold")
         # event type -> (candidates, whether any of them reads properties), built on first use
-        self._plans: dict[str, tuple[list[tuple[Rule, str, Matcher]], bool]] = {}
+        self._plans: dict[str, tuple[list[tuple[Rule, str, Predicate | None]], bool]] = {}
         for rule in self.rules:
             for role, matcher in rule.matchers():
                 if matcher.event_types is None:
@@ -389,33 +465,42 @@ class RuleEngine:
             return found or []
         return (found or []) + self._any
 
-    def _plan(self, event_type: str) -> tuple[list[tuple[Rule, str, Matcher]], bool]:
+    def _plan(self, event_type: str) -> tuple[list[tuple[Rule, str, Predicate | None]], bool]:
+        """The rules an event of this type can trigger, with specialised predicates
+        (None: matches every event of the type), and whether any reads properties."""
         plan = self._plans.get(event_type)
         if plan is None:
-            candidates = self.candidates(event_type)
-            reads = any(m.needs_properties or r.reads_properties for r, _role, m in candidates)
+            steps: list[tuple[Rule, str, Predicate | None]] = []
+            reads = False
+            for rule, role, matcher in self.candidates(event_type):
+                possible, predicate, needs = matcher.for_type(event_type)
+                if possible:
+                    steps.append((rule, role, predicate))
+                    reads = reads or needs or rule.reads_properties
+            plan = (steps, reads)
             if len(self._plans) < 10_000:  # event types are a small, closed set
-                self._plans[event_type] = (candidates, reads)
-            plan = (candidates, reads)
+                self._plans[event_type] = plan
         return plan
 
     def on_touchpoint(
         self, state: CustomerState, tp: Touchpoint, journey: Journey | None, fx: Any
     ) -> None:
         event = tp.event
-        candidates, reads = self._plan(event.event_type)
+        plan = self._plans.get(event.event_type)
+        candidates, reads = plan if plan is not None else self._plan(event.event_type)
         if not candidates:
             return
         props = properties_of(event) if reads else None
-        for rule, role, matcher in candidates:
-            if not matcher(event, props):
+        for rule, role, predicate in candidates:
+            if predicate is not None and not predicate(event, props):
                 continue
-            if rule.kind == "match":
+            kind = rule.kind
+            if kind == "match":
                 self._emit(
                     state, rule, journey, event.channel, tp.ts, [event.event_id], {}, fx,
                     signal_id(rule.name, state.key, event.event_id),
                 )  # fmt: skip
-            elif rule.kind == "threshold":
+            elif kind == "threshold":
                 self._count(state, rule, tp, props, journey, fx)
             elif role == "start":
                 self._open(state, rule, tp, props, journey)

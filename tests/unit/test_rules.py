@@ -206,3 +206,48 @@ def test_signal_ids_are_stable_on_replay() -> None:
 
     first = run()
     assert len(first) == 2 and first == run()
+
+
+def test_matchers_specialised_per_event_type_agree_with_the_full_predicate() -> None:
+    """The engine settles event-type conditions once per type; the verdicts must not change."""
+    import itertools
+
+    from streams.bundles import properties_of
+    from streams.core.rules import compile_matcher
+
+    specs: list[Any] = [
+        {"event_type": "support_contact"},
+        {"event_type": ["error", "page_view"]},
+        {"event_type": {"in": ["error", "purchase"]}, "channel": "web"},
+        {"event_type": {"eq": "error", "in": ["error", "page_view"]}},
+        {"event_type": {"ne": "error"}, "properties.url": {"prefix": "/checkout"}},
+        {"channel": ["app", "web"]},
+        {"properties.score": {"le": 6}, "event_type": "survey_response"},
+        [
+            {"event_type": "payment_failed"},
+            {"event_type": "error", "properties.page": {"prefix": "/checkout"}},
+            {"event_type": "error", "properties.error_code": {"prefix": "PAYMENT"}},
+        ],
+        [{"event_type": "error"}, {"channel": "store"}],
+    ]
+    for rule in load_rules(None).rules:
+        specs += [m for _role, m in rule.matchers()]
+    types = ["page_view", "error", "purchase", "support_contact", "payment_failed",
+             "survey_response", "email_bounce"]  # fmt: skip
+    prop_sets: list[dict[str, Any]] = [
+        {},
+        {"url": "/checkout/pay", "page": "/checkout", "error_code": "PAYMENT_DECLINED"},
+        {"url": "/home", "error_code": "E1", "score": 3},
+        {"score": 9, "survey": "nps"},
+    ]
+    checked = 0
+    for spec in specs:
+        matcher = spec if not isinstance(spec, dict | list) else compile_matcher(spec, "test")
+        for etype, channel, props in itertools.product(types, ["web", "app", "store"], prop_sets):
+            event = tp("e", T0, etype=etype, channel=channel, **props).event
+            p = properties_of(event)
+            possible, predicate, _needs = matcher.for_type(etype)
+            specialised = possible and (predicate is None or predicate(event, p))
+            assert specialised == matcher(event, p), (spec, etype, channel, props)
+            checked += 1
+    assert checked > 1_000
