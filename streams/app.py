@@ -82,6 +82,23 @@ def malloc_stats() -> dict[str, float]:
     }
 
 
+def release_free_memory() -> float:
+    """Give glibc's free heap memory back to the OS (``malloc_trim``); returns seconds taken.
+
+    A worker frees and allocates states, encodings and Kafka buffers across
+    several threads; glibc keeps freed memory in per-thread arenas, where a
+    soak saw it settle at ~160 MB of RSS holding nothing. Trimming every
+    minute costs a few milliseconds. No-op without glibc.
+    """
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return 0.0
+    started = time.perf_counter()
+    trim(0)
+    return time.perf_counter() - started
+
+
 ROCKSDB_MEMORY = {
     "memtables": "rocksdb.cur-size-all-mem-tables",
     "block_cache": "rocksdb.block-cache-usage",
@@ -249,6 +266,7 @@ class JourneyStage:
         app.timer(worker.flush_interval_s, name="journeys.flush")(self.flush)
         app.timer(worker.sweep_interval_s, name="journeys.sweep")(self.sweep)
         app.timer(5.0, name="journeys.gauges")(self.gauges)
+        app.timer(60.0, name="memory.trim")(self.trim_memory)
         app.on_partitions_revoked.connect(self.on_revoked)
         app.on_before_shutdown.connect(self.on_shutdown)
 
@@ -383,6 +401,11 @@ class JourneyStage:
                 self.processor.load_partition(tp.partition)
         self.processor.sweep()
         self.processor.expire_stored()
+
+    async def trim_memory(self) -> None:
+        took = release_free_memory()
+        if took > 0.05:
+            log.info("malloc_trim took %.0f ms", took * 1000)
 
     async def gauges(self) -> None:
         if self.processor is None:

@@ -116,7 +116,7 @@ def _condition(
 
             def predicate(e: Event, p: dict[str, Any] | None) -> bool:
                 found = get(e, p)
-                for test, value in checks:
+                for test, value in checks:  # noqa: SIM110 - a loop: no generator per event
                     if not test(found, value):
                         return False
                 return True
@@ -148,7 +148,7 @@ def _all_of(checks: list[Predicate]) -> Predicate:
         return checks[0]
 
     def predicate(e: Event, p: dict[str, Any] | None) -> bool:
-        for check in checks:
+        for check in checks:  # noqa: SIM110 - a loop: no generator per event
             if not check(e, p):
                 return False
         return True
@@ -161,7 +161,7 @@ def _any_of(alternatives: list[Predicate]) -> Predicate:
         return alternatives[0]
 
     def predicate(e: Event, p: dict[str, Any] | None) -> bool:
-        for alternative in alternatives:
+        for alternative in alternatives:  # noqa: SIM110 - a loop: no generator per event
             if alternative(e, p):
                 return True
         return False
