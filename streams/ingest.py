@@ -291,7 +291,11 @@ class IngestWorker:
         # (measured 150k vs 560k+ msgs/s). Ends are found from the cached high
         # watermarks instead (:meth:`_mark_ends`), which cost no broker call.
         self.consumer = Consumer(kafka.librdkafka_consumer(settings.group_id))
-        self.aligner = Aligner(int(settings.align_skew_s * 1000), settings.align_max_wait_s)
+        self.aligner = Aligner(
+            int(settings.align_skew_s * 1000),
+            settings.align_max_wait_s,
+            max_backlog_wait_s=settings.align_max_backlog_wait_s,
+        )
         self.consumer.subscribe(
             list(topics.raw_topics), on_assign=self._on_assign, on_revoke=self._on_revoke
         )
@@ -455,8 +459,10 @@ class IngestWorker:
 
         A partition is at its end when the next offset to read reaches the high
         watermark librdkafka cached from its latest fetch response (no broker
-        round trip). Unknown watermarks (no fetch answered yet) count as not
-        at the end; the aligner's ``max_wait_s`` bounds that wait.
+        round trip); below it, the partition has a backlog, and the aligner
+        waits for it up to ``align_max_backlog_wait_s`` instead of
+        ``align_max_wait_s``. Unknown watermarks (no fetch answered yet) count
+        as neither; ``max_wait_s`` bounds that wait.
         """
         if not self.settings.align_skew_s:
             return
@@ -467,8 +473,12 @@ class IngestWorker:
                 _low, high = watermarks(TopicPartition(*source), cached=True)
             except KafkaException:
                 continue
-            if high >= 0 and next_offset >= high:
+            if high < 0:
+                continue
+            if next_offset >= high:
                 aligner.reached_end(source)
+            else:
+                aligner.has_backlog(source)
 
     def _commit_positions(self) -> list[TopicPartition]:
         """Consumed positions, but never past an event still held back by alignment."""

@@ -347,6 +347,10 @@ class IngestSettings(BaseSettings):
     # How long to wait for a lagging partition that delivers nothing before
     # ignoring it for alignment (like Kafka Streams' max.task.idle.ms).
     align_max_wait_s: float = Field(default=5.0, ge=0)
+    # ... but a partition known to have unread data (next offset below its
+    # high watermark) is waited for up to this long: an overloaded consumer can
+    # go seconds without fetching it while it holds the oldest events.
+    align_max_backlog_wait_s: float = Field(default=60.0, ge=0)
     # A partition holding this many events back is paused until they drain.
     align_max_held: int = Field(default=200_000, ge=1)
 

@@ -12,8 +12,13 @@ committed.
 Partitions at their end (nothing more to read) never hold the others back,
 and neither does a partition that has delivered nothing for ``max_wait_s`` (a
 stuck or silent producer must not stall the pipeline, as with Kafka Streams'
-``max.task.idle.ms``). In live operation every partition is at its end almost
-all the time, so everything is released at once.
+``max.task.idle.ms``). A partition known to have unread data (its next offset
+is below the high watermark) is waited for longer, up to
+``max_backlog_wait_s``: on an overloaded consumer a partition can go seconds
+without a fetch while it still holds the oldest events, and releasing the
+others past it would make its events late downstream. In live operation
+every partition is at its end almost all the time, so everything is released
+at once.
 """
 
 from __future__ import annotations
@@ -31,13 +36,21 @@ _event_time = itemgetter(0)
 
 class Aligner:
     def __init__(
-        self, skew_ms: int, max_wait_s: float, clock: Callable[[], float] = time.monotonic
+        self,
+        skew_ms: int,
+        max_wait_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        max_backlog_wait_s: float | None = None,
     ) -> None:
         self.skew_ms = skew_ms
         self.max_wait_s = max_wait_s
+        self.max_backlog_wait_s = max(
+            max_wait_s, max_backlog_wait_s if max_backlog_wait_s is not None else max_wait_s
+        )
         self.clock = clock
         self.progress: dict[Hashable, int] = {}  # newest event time read per partition
         self.at_end: set[Hashable] = set()
+        self.backlog: set[Hashable] = set()  # known to have unread data
         self.last_data: dict[Hashable, float] = {}
         self.held: dict[Hashable, deque[Held]] = {}
 
@@ -47,6 +60,7 @@ class Aligner:
         for tp in partitions:
             self.progress.pop(tp, None)
             self.at_end.discard(tp)
+            self.backlog.discard(tp)
             self.held.pop(tp, None)
             self.last_data[tp] = now
 
@@ -55,6 +69,7 @@ class Aligner:
         for tp in partitions:
             self.progress.pop(tp, None)
             self.at_end.discard(tp)
+            self.backlog.discard(tp)
             self.held.pop(tp, None)
             self.last_data.pop(tp, None)
 
@@ -72,6 +87,12 @@ class Aligner:
 
     def reached_end(self, tp: Hashable) -> None:
         self.at_end.add(tp)
+        self.backlog.discard(tp)
+
+    def has_backlog(self, tp: Hashable) -> None:
+        """``tp`` is known to have unread data (until it reaches its end)."""
+        self.backlog.add(tp)
+        self.at_end.discard(tp)
 
     def limit(self) -> int | None:
         """Events up to this event time may go out now (None: everything may)."""
@@ -80,7 +101,12 @@ class Aligner:
         now = self.clock()
         floor = None
         for tp, seen in self.last_data.items():
-            if tp in self.at_end or now - seen > self.max_wait_s:
+            if tp in self.at_end:
+                continue
+            idle = now - seen
+            if idle > self.max_wait_s and (
+                tp not in self.backlog or idle > self.max_backlog_wait_s
+            ):
                 continue
             progress = self.progress.get(tp, -1)
             if floor is None or progress < floor:

@@ -71,3 +71,20 @@ def test_zero_skew_disables_alignment() -> None:
     a.assigned(["web", "app"])
     a.read("web", 10**12, events("web", 10**12))
     assert released(a) == ["web@1000000000000"]
+
+
+def test_a_partition_with_unread_data_is_waited_for_longer_but_not_forever() -> None:
+    clock = Clock()
+    a = Aligner(SKEW, max_wait_s=5, clock=clock, max_backlog_wait_s=60)
+    a.assigned(["web", "app"])
+    a.read("web", 1_000_000, events("web", 1_000_000))
+    a.read("app", 1_000_000, events("app", 1_000_000))
+    assert len(released(a)) == 2
+    a.read("web", 2_000_000, events("web", 2_000_000))
+    a.has_backlog("app")  # app's next offset is below its high watermark
+    clock.t = 30  # no fetch of app for longer than max_wait_s, but it has older events
+    assert released(a) == []
+    a.read("app", 1_010_000, events("app", 1_010_000))
+    assert released(a) == ["app@1010000"]
+    clock.t = 100  # app still has a backlog but delivered nothing for > 60 s: stop waiting
+    assert released(a) == ["web@2000000"]
