@@ -265,14 +265,21 @@ class JourneyProcessor:
         return state
 
     def peek(self, key: str) -> CustomerState | None:
-        """Read without caching (lookups)."""
+        """Read without caching (lookups); a stored state past its expiry reads as absent."""
         state = self.cache.get(key)
         if state is not None:
             return state
         if key in self.forgotten:
             return None
-        raw = self.store.get(key.encode(), self.partition_of(key))
-        return decode_state(raw) if raw is not None else None
+        partition = self.partition_of(key)
+        raw = self.store.get(key.encode(), partition)
+        if raw is None:
+            return None
+        state = decode_state(raw)
+        part = self.parts.get(partition)
+        if part is not None and self.sessionizer.expired(state, part.clock.now()):
+            return None
+        return state
 
     def _schedule(self, part: PartitionState, state: CustomerState) -> None:
         """Make sure the key's earliest deadline is on the partition's heap.

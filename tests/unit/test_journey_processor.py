@@ -138,9 +138,11 @@ def test_a_state_read_after_its_expiry_starts_afresh_before_the_scan_reaches_it(
     stage.feed(page_view("a-1", customer_id="alice", ts=T))
     stage.feed(page_view("b-1", customer_id="bob", ts=T + 30 * MINUTE))  # alice's journey closes
     stage.processor.flush()
+    assert stage.processor.lookup("alice") is not None
     stage.feed(page_view("b-2", customer_id="bob", ts=T + 90 * MINUTE))
     stage.processor.flush()
     assert b"alice" in stage.store.data  # expired, but the scan has not run
+    assert stage.processor.lookup("alice") is None  # ... and reads as gone
     # The same event id again: within the expiry it is a duplicate, after it a new event.
     stage.feed(page_view("a-1", customer_id="alice", ts=T + 91 * MINUTE))
     view = stage.processor.lookup("alice")
