@@ -149,3 +149,17 @@ def test_a_state_read_after_its_expiry_starts_afresh_before_the_scan_reaches_it(
     assert view is not None
     assert view["recent"] == []  # the expired history is gone
     assert [j["touchpoint_count"] for j in view["live"]] == [1]
+
+
+def test_the_expiry_view_reads_the_leading_fields_of_a_stored_state() -> None:
+    import msgspec
+
+    from streams.core.journey import CustomerState, encode_state
+    from streams.journeys import _NO_JOURNEYS, _expiry_view, _ExpiryView
+
+    names = msgspec.structs.fields(_ExpiryView)
+    assert [f.name for f in names] == [
+        f.name for f in msgspec.structs.fields(CustomerState)[: len(names)]
+    ]
+    view = _expiry_view.decode(encode_state(CustomerState("c", touched=42, pos=7)))
+    assert (view.key, view.touched, view.pos, bytes(view.journeys)) == ("c", 42, 7, _NO_JOURNEYS)
