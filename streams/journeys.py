@@ -149,8 +149,8 @@ class _Meta(msgspec.Struct, array_like=True):
 
 
 class _ExpiryView(msgspec.Struct, array_like=True):
-    """The leading fields of an encoded :class:`CustomerState`, the bulky ones left
-    undecoded: the expiry scan reads ~5x faster (0.5 us against 2.4 us a state)."""
+    """An encoded :class:`CustomerState` with its bulky fields left undecoded: the
+    expiry scan and partition loading read ~5x faster (0.5 us against 2.4 us)."""
 
     key: str
     journeys: msgspec.Raw
@@ -161,10 +161,12 @@ class _ExpiryView(msgspec.Struct, array_like=True):
     anonymous_ids: msgspec.Raw
     late: int
     touched: int
+    rules: msgspec.Raw
 
 
 _expiry_view = msgspec.msgpack.Decoder(_ExpiryView)
 _NO_JOURNEYS = b"\x90"  # an empty MessagePack array
+_NO_RULES = b"\x80"  # an empty MessagePack map
 
 
 @dataclass
@@ -246,8 +248,11 @@ class JourneyProcessor:
         for raw_key, raw in self.store.scan(partition):
             if raw_key.startswith(META_PREFIX):
                 continue
-            self._schedule(part, decode_state(raw))
             loaded += 1
+            view = _expiry_view.decode(raw)
+            if bytes(view.journeys) == _NO_JOURNEYS and bytes(view.rules) == _NO_RULES:
+                continue  # nothing to schedule (most stored customers)
+            self._schedule(part, decode_state(raw))
         log.info(
             "partition %d: %d stored customers, stream time %s",
             partition,

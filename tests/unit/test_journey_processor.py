@@ -155,7 +155,7 @@ def test_the_expiry_view_reads_the_leading_fields_of_a_stored_state() -> None:
     import msgspec
 
     from streams.core.journey import CustomerState, encode_state
-    from streams.journeys import _NO_JOURNEYS, _expiry_view, _ExpiryView
+    from streams.journeys import _NO_JOURNEYS, _NO_RULES, _expiry_view, _ExpiryView
 
     names = msgspec.structs.fields(_ExpiryView)
     assert [f.name for f in names] == [
@@ -163,3 +163,5 @@ def test_the_expiry_view_reads_the_leading_fields_of_a_stored_state() -> None:
     ]
     view = _expiry_view.decode(encode_state(CustomerState("c", touched=42, pos=7)))
     assert (view.key, view.touched, view.pos, bytes(view.journeys)) == ("c", 42, 7, _NO_JOURNEYS)
+    assert bytes(view.rules) == _NO_RULES
+    assert len(names) == len(msgspec.structs.fields(CustomerState))
