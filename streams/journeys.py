@@ -176,6 +176,9 @@ class PartitionState:
     heap: list[tuple[int, str]] = field(default_factory=list)
     scheduled: dict[str, int] = field(default_factory=dict)
     meta_dirty: bool = False
+    # Stream time in the last meta record written (see flush).
+    persisted_watermark: int = 0
+    persisted_floor: int = 0
     # Expiry scan of the stored states: the last key of the page scanned
     # (None: no pass running) and when the next pass may start (wall clock).
     expiry_cursor: bytes | None = None
@@ -242,7 +245,9 @@ class JourneyProcessor:
         clock.now()  # floor starts at the watermark
         counter = WindowCounter(self.spikes.window_ms)
         counter.load(meta.counts)
-        part = PartitionState(clock, counter)
+        part = PartitionState(
+            clock, counter, persisted_watermark=meta.watermark, persisted_floor=meta.floor
+        )
         self.parts[partition] = part
         loaded = 0
         for raw_key, raw in self.store.scan(partition):
@@ -403,6 +408,12 @@ class JourneyProcessor:
                 touchpoints += 1
                 counted = (item.event.channel, item.event.event_type)
                 applied[counted] = applied.get(counted, 0) + 1
+                # Stream time sees every touchpoint, also those of keys that
+                # skip a replayed bundle: a replay keeps the original times.
+                if item.ts > max_ts:
+                    max_ts = item.ts
+                    if max_ts > now:
+                        now = max_ts
             elif kind is Link:
                 key = item.anonymous_id
             elif kind is Merge:
@@ -419,10 +430,6 @@ class JourneyProcessor:
                 fresh.add(key)
                 state.pos = offset
             if kind is Touchpoint:
-                if item.ts > max_ts:
-                    max_ts = item.ts
-                    if max_ts > now:
-                        now = max_ts
                 sessionizer.apply(state, item, now, fx)
             elif kind is Link:
                 sessionizer.link(state, item.customer_id, item.event_id, item.ts, fx)
@@ -617,6 +624,36 @@ class JourneyProcessor:
         redis_updates: dict[str, bytes | None] = {}
         written = 0
         state_bytes = 0
+        # The meta record of a partition (stream time, signal counts) goes out
+        # twice, on the changelog partition of its states, whose order the
+        # idempotent producer keeps: before the states with the new counts but
+        # the stream time already persisted, after them with both new. If a
+        # crash cuts the flush short, every delivered state has its signals in
+        # the delivered counts (the bundles re-applied after it emit them again,
+        # same ids, and WindowCounter counts an id once), and stream time is
+        # never ahead of the states (re-applied events are not made late).
+        finals: list[tuple[int, bytes, bytes]] = []
+        for partition, part in self.parts.items():
+            now = part.clock.now()
+            # Report counts and stream time every flush: quiet partitions still
+            # move the alerting stage's windows on.
+            output.record(
+                self.topics.signal_counts,
+                str(partition),
+                _partial_encoder.encode(part.counter.partial(partition, now)),
+            )
+            part.counter.prune(now, self.spikes.lateness_ms)
+            if part.meta_dirty:
+                counts = part.counter.dump()
+                key = META_PREFIX + str(partition).encode()
+                early = _Meta(part.persisted_watermark, part.persisted_floor, counts)
+                changelog(partition, key, msgspec.msgpack.encode(early))
+                meta = msgspec.msgpack.encode(_Meta(part.clock.watermark, now, counts))
+                finals.append((partition, key, meta))
+                part.persisted_watermark, part.persisted_floor = part.clock.watermark, now
+                part.meta_dirty = False
+                written += 2
+                metrics.STREAM_TIME.labels(str(partition)).set(now / 1000)
         for key in self.dirty:
             raw_key = key.encode()
             partition = partition_of(key)
@@ -641,26 +678,11 @@ class JourneyProcessor:
             written += 1
             if not state.journeys:
                 del self.cache[key]  # nothing live: the store copy is enough
+        for partition, key, meta in finals:
+            changelog(partition, key, meta)
+            store.put(key, partition, meta)
         self.forgotten.clear()
         self.dirty.clear()
-        for partition, part in self.parts.items():
-            now = part.clock.now()
-            # Report counts and stream time every flush: quiet partitions still
-            # move the alerting stage's windows on.
-            output.record(
-                self.topics.signal_counts,
-                str(partition),
-                _partial_encoder.encode(part.counter.partial(partition, now)),
-            )
-            part.counter.prune(now, self.spikes.lateness_ms)
-            if part.meta_dirty:
-                meta = msgspec.msgpack.encode(_Meta(part.clock.watermark, now, part.counter.dump()))
-                key = META_PREFIX + str(partition).encode()
-                changelog(partition, key, meta)
-                store.put(key, partition, meta)
-                part.meta_dirty = False
-                written += 1
-                metrics.STREAM_TIME.labels(str(partition)).set(now / 1000)
         store.commit()
         if self.redis is not None and redis_updates:
             self.redis.submit(redis_updates)

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import msgspec
+from xxhash import xxh3_64_intdigest
 
 from schemas.registry import uri_for
 from streams.core.clock import iso_ms
@@ -338,21 +339,31 @@ class WindowAggregator:
 
 
 class WindowCounter:
-    """A partition's cumulative signal counts per open window (the worker side)."""
+    """A partition's cumulative signal counts per open window (the worker side).
+
+    Counting is idempotent: a signal id already counted in a window is not
+    counted again. After a crash the worker re-applies the bundles since its
+    last flush and emits their signals again (same ids); the counts restored
+    from the flushed meta record may already hold some of them.
+    """
 
     def __init__(self, window_ms: int, max_customers: int = 5_000) -> None:
         self.window_ms = window_ms
         self.max_customers = max_customers
-        # window start -> "rule|channel" -> [count, customer set, signal sample]
+        # window start -> "rule|channel" -> [count, customer set, signal sample, id hashes]
         self.windows: dict[int, dict[str, list[Any]]] = {}
 
     def add(self, at: int, rule: str, channel: str, customer: str, signal_id: str) -> None:
         start = at - at % self.window_ms
         window = self.windows.setdefault(start, {})
+        h = xxh3_64_intdigest(signal_id.encode())
         for key in (f"{rule}|{channel}", f"{rule}|{ALL_CHANNELS}"):
             entry = window.get(key)
             if entry is None:
-                entry = window[key] = [0, set(), []]
+                entry = window[key] = [0, set(), [], set()]
+            if h in entry[3]:
+                continue  # counted before (a replay after a crash)
+            entry[3].add(h)
             entry[0] += 1
             if len(entry[1]) < self.max_customers:
                 entry[1].add(customer)
@@ -366,7 +377,7 @@ class WindowCounter:
             {
                 str(start): {
                     key: SeriesCount(n, len(customers), sorted(customers)[:SAMPLE], sample)
-                    for key, (n, customers, sample) in series.items()
+                    for key, (n, customers, sample, _ids) in series.items()
                 }
                 for start, series in self.windows.items()
             },
@@ -380,11 +391,13 @@ class WindowCounter:
 
     def dump(self) -> list[Any]:
         return [
-            [start, key, n, sorted(customers), sample]
+            [start, key, n, sorted(customers), sample, sorted(ids)]
             for start, series in self.windows.items()
-            for key, (n, customers, sample) in series.items()
+            for key, (n, customers, sample, ids) in series.items()
         ]
 
     def load(self, rows: list[Any]) -> None:
-        for start, key, n, customers, sample in rows:
-            self.windows.setdefault(start, {})[key] = [n, set(customers), list(sample)]
+        for row in rows:
+            start, key, n, customers, sample = row[:5]
+            ids = set(row[5]) if len(row) > 5 else set()  # rows written before ids were kept
+            self.windows.setdefault(start, {})[key] = [n, set(customers), list(sample), ids]

@@ -179,6 +179,22 @@ def test_window_counter_counts_per_channel_and_all_and_reloads() -> None:
     assert counter.windows == {}
 
 
+def test_window_counter_counts_a_signal_once_even_when_replayed_after_a_reload() -> None:
+    counter = WindowCounter(MIN)
+    counter.add(T0 + 5, "payment_failure", "web", "c1", "s1")
+    restored = WindowCounter(MIN)
+    restored.load(counter.dump())  # the meta flushed before a crash
+    # The bundles since that flush are applied again: s1 comes back, s2 is new.
+    restored.add(T0 + 5, "payment_failure", "web", "c1", "s1")
+    restored.add(T0 + 7, "payment_failure", "web", "c2", "s2")
+    window = restored.partial(0, T0 + MIN).windows[str(T0)]
+    assert window["payment_failure|web"].count == 2
+    assert window["payment_failure|all"].count == 2
+    old_format = WindowCounter(MIN)
+    old_format.load([row[:5] for row in counter.dump()])  # metas written before ids were kept
+    assert old_format.partial(0, T0 + MIN) == counter.partial(0, T0 + MIN)
+
+
 def test_signals_reported_after_their_window_closed_are_counted_as_late() -> None:
     wall = Wall()
     agg = aggregator(wall)

@@ -91,7 +91,8 @@ def test_a_deferred_flush_sends_no_state_until_asked_and_then_the_same_records()
     p.write_changelog(deferred)
     sent = [args for kind, args in out.calls if kind == "changelog"]
     assert sent == deferred and {k for _p, k, _v in sent} >= {b"alice", b"bob"}
-    assert all(store.data[k] == v for _p, k, v in sent)
+    last = {k: v for _p, k, v in sent}  # what a compacted changelog keeps
+    assert all(store.data[k] == v for k, v in last.items())
     assert out.kinds().index("changelog") > out.kinds().index("record")
 
 
