@@ -22,7 +22,8 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -66,11 +67,18 @@ class _MallInfo2(ctypes.Structure):
     ]  # fmt: skip
 
 
+def _libc(name: str) -> Any:
+    """A function of the C library the process runs on (None without glibc's ``name``)."""
+    try:
+        return getattr(ctypes.CDLL(None), name)
+    except (AttributeError, OSError):
+        return None
+
+
 def malloc_stats() -> dict[str, float]:
     """glibc's heap (MB): in use, free but kept (fragmentation), mmapped; {} elsewhere."""
-    try:
-        mallinfo2 = ctypes.CDLL(None).mallinfo2
-    except (AttributeError, OSError):
+    mallinfo2 = _libc("mallinfo2")
+    if mallinfo2 is None:
         return {}
     mallinfo2.restype = _MallInfo2
     info = mallinfo2()
@@ -90,9 +98,8 @@ def release_free_memory() -> float:
     soak saw it settle at ~160 MB of RSS holding nothing. Trimming every
     minute costs a few milliseconds. No-op without glibc.
     """
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):
+    trim = _libc("malloc_trim")
+    if trim is None:
         return 0.0
     started = time.perf_counter()
     trim(0)
@@ -178,12 +185,12 @@ class RocksTableStore:
         for partition, batch in batches.items():
             self._db(partition).write(batch)
 
-    def scan(self, partition: int) -> Iterable[tuple[bytes, bytes]]:
-        db = self._db(partition)
-        for key, value in db.items():
+    def scan(self, partition: int, after: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
+        """The partition's states in key order (after ``after``, if given)."""
+        for key, value in self._db(partition).items(from_key=after):
             key = bytes(key)
-            if key.startswith(b"__faust"):
-                continue  # Faust's own bookkeeping (the changelog offset it has applied)
+            if key == after or key.startswith(b"__faust"):
+                continue  # __faust*: Faust's own bookkeeping (the changelog offset it has applied)
             yield key, bytes(value)
 
     def memory(self) -> dict[str, int]:
@@ -197,15 +204,7 @@ class RocksTableStore:
     def page(self, partition: int, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
         # A fresh iterator per page: none is held across awaits, when Faust may
         # close the partition's database (revoked).
-        found: list[tuple[bytes, bytes]] = []
-        for key, value in self._db(partition).items(from_key=after):
-            key = bytes(key)
-            if key == after or key.startswith(b"__faust"):
-                continue
-            found.append((key, bytes(value)))
-            if len(found) >= limit:
-                break
-        return found
+        return list(islice(self.scan(partition, after), limit))
 
 
 class JourneyStage:

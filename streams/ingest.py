@@ -32,7 +32,6 @@ from confluent_kafka import (
     TopicPartition,
 )
 from msgspec import UNSET, Raw
-from murmurhash2 import murmurhash2 as _murmur2
 
 from schemas.decoder import REASONS, EventDecoder, Rejected, Rejection, _heads, _tails
 from sinks import deadletter
@@ -58,6 +57,33 @@ class RawMessage(Protocol):
     def key(self) -> bytes | None: ...
     def value(self) -> bytes | None: ...
     def timestamp(self) -> tuple[int, int]: ...
+
+
+class MemoryMessage:
+    """A :class:`RawMessage` held in memory (in-process pipelines: tests, bench_core)."""
+
+    __slots__ = ("_offset", "_topic", "_value")
+
+    def __init__(self, value: bytes, topic: str, offset: int) -> None:
+        self._value, self._topic, self._offset = value, topic, offset
+
+    def value(self) -> bytes:
+        return self._value
+
+    def topic(self) -> str:
+        return self._topic
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self._offset
+
+    def key(self) -> None:
+        return None
+
+    def timestamp(self) -> tuple[int, int]:
+        return (0, 0)
 
 
 @dataclass(slots=True)
@@ -137,7 +163,6 @@ class Ingestor:
         min_ms, max_ms = decoder.time_bounds()
         heads, tails = _heads, _tails
         partition_of = self.partitioner
-        murmur2, seed, partitions = _murmur2, Partitioner.SEED, self.partitioner.partitions
         by_type = STAGE_BY_TYPE
         progress = result.progress
         max_ts = 0
@@ -181,7 +206,7 @@ class Ingestor:
                     event, ts = decode(value)
                     cid = event.customer_id
                     key = event.anonymous_id if cid is UNSET else cid
-                partition = (murmur2(key.encode(), seed) & 0x7FFFFFFF) % partitions  # inlined
+                partition = partition_of(key)
                 etype = event.event_type
                 stage = by_type.get(etype)
                 if stage is None:

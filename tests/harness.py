@@ -18,37 +18,12 @@ from streams.bundles import Partitioner, encode_bundle
 from streams.core.rules import RuleEngine, RulesConfig
 from streams.core.sessionizer import SessionConfig, Sessionizer
 from streams.core.spikes import ALL_CHANNELS, WindowAggregator
-from streams.ingest import Ingestor
+from streams.ingest import Ingestor, MemoryMessage
 from streams.journeys import DictStore, JourneyProcessor
 from touchpoint import jsonio
 from touchpoint.config import CHANNELS, TopicSettings
 
 PARTITIONS = 4
-
-
-class _Message:
-    __slots__ = ("_offset", "_topic", "_value")
-
-    def __init__(self, value: bytes, topic: str, offset: int) -> None:
-        self._value, self._topic, self._offset = value, topic, offset
-
-    def value(self) -> bytes:
-        return self._value
-
-    def topic(self) -> str:
-        return self._topic
-
-    def partition(self) -> int:
-        return 0
-
-    def offset(self) -> int:
-        return self._offset
-
-    def key(self) -> None:
-        return None
-
-    def timestamp(self) -> tuple[int, int]:
-        return (0, 0)
 
 
 @dataclass
@@ -107,7 +82,7 @@ def run_pipeline(
     ingestor = Ingestor(EventDecoder(clock=lambda: 4e9), partition_of, {})
     offsets = [0] * PARTITIONS
     alerts: list[dict[str, Any]] = []
-    messages = [_Message(jsonio.dumps(e), "touchpoints.web", i) for i, e in enumerate(events)]
+    messages = [MemoryMessage(jsonio.dumps(e), "touchpoints.web", i) for i, e in enumerate(events)]
     for start in range(0, len(messages), batch):
         result = ingestor.process(messages[start : start + batch], 0)
         queue = deque(result.bundles.items())

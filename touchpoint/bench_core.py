@@ -24,36 +24,11 @@ from schemas.decoder import EventDecoder
 from streams.bundles import Partitioner, encode_bundle
 from streams.core.rules import RuleEngine, load_rules
 from streams.core.sessionizer import SessionConfig, Sessionizer
-from streams.ingest import Ingestor
+from streams.ingest import Ingestor, MemoryMessage
 from streams.journeys import DictStore, JourneyProcessor
 from touchpoint import jsonio
 from touchpoint.config import TopicSettings
 from touchpoint.simulator import Simulator
-
-
-class _Message:
-    __slots__ = ("_offset", "_value")
-
-    def __init__(self, value: bytes, offset: int) -> None:
-        self._value, self._offset = value, offset
-
-    def value(self) -> bytes:
-        return self._value
-
-    def topic(self) -> str:
-        return "touchpoints.web"
-
-    def partition(self) -> int:
-        return 0
-
-    def offset(self) -> int:
-        return self._offset
-
-    def key(self) -> None:
-        return None
-
-    def timestamp(self) -> tuple[int, int]:
-        return (0, 0)
 
 
 class _Output:
@@ -88,7 +63,10 @@ def prepare(events: int, partitions: int, bundle: int) -> list[tuple[int, bytes]
     """Simulated events, validated and bundled as ingest does: (partition, bundle) in order."""
     start_ms = int(time.time() * 1000) - 24 * 3600 * 1000
     sim = Simulator(seed=42, start_ms=start_ms, rate=50.0, customers=20_000)
-    messages = [_Message(jsonio.dumps(e), i) for i, (_s, e) in enumerate(sim.take(events))]
+    messages = [
+        MemoryMessage(jsonio.dumps(e), "touchpoints.web", i)
+        for i, (_s, e) in enumerate(sim.take(events))
+    ]
     ingestor = Ingestor(EventDecoder(), Partitioner(partitions), {})
     out: list[tuple[int, bytes]] = []
     for start in range(0, len(messages), bundle * partitions):

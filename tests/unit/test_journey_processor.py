@@ -15,10 +15,10 @@ from schemas.decoder import EventDecoder
 from streams.bundles import Partitioner, encode_bundle
 from streams.core.rules import RuleEngine, load_rules
 from streams.core.sessionizer import MINUTE, SessionConfig, Sessionizer
-from streams.ingest import Ingestor
+from streams.ingest import Ingestor, MemoryMessage
 from streams.journeys import DictStore, JourneyProcessor
 from tests.events import BASE_MS, event, page_view
-from tests.harness import Outputs, _Message
+from tests.harness import Outputs
 from tests.scenarios import scenario_rules
 from touchpoint import jsonio
 from touchpoint.config import TopicSettings
@@ -50,7 +50,9 @@ class Stage:
         self.offset = 0
 
     def feed(self, *events: dict[str, Any]) -> None:
-        messages = [_Message(jsonio.dumps(e), "touchpoints.web", i) for i, e in enumerate(events)]
+        messages = [
+            MemoryMessage(jsonio.dumps(e), "touchpoints.web", i) for i, e in enumerate(events)
+        ]
         for items in self.ingestor.process(messages, 0).bundles.values():
             self.processor.handle(0, self.offset, encode_bundle(items, 0))
             self.offset += 1

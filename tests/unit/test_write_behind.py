@@ -15,10 +15,9 @@ from typing import Any
 from schemas.decoder import EventDecoder
 from streams.bundles import Partitioner, encode_bundle
 from streams.core.sessionizer import MINUTE, SessionConfig, Sessionizer
-from streams.ingest import Ingestor
+from streams.ingest import Ingestor, MemoryMessage
 from streams.journeys import DictStore, JourneyProcessor
 from tests.events import BASE_MS, page_view
-from tests.harness import _Message
 from touchpoint import jsonio
 from touchpoint.config import TopicSettings
 
@@ -65,7 +64,9 @@ def bundles(*groups: list[dict[str, Any]]) -> list[bytes]:
     ingestor = Ingestor(EventDecoder(clock=lambda: 4e9), Partitioner(1), {})
     out = []
     for group in groups:
-        messages = [_Message(jsonio.dumps(e), "touchpoints.web", i) for i, e in enumerate(group)]
+        messages = [
+            MemoryMessage(jsonio.dumps(e), "touchpoints.web", i) for i, e in enumerate(group)
+        ]
         (items,) = ingestor.process(messages, 0).bundles.values()
         out.append(encode_bundle(items, 0))
     return out
