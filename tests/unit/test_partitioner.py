@@ -25,3 +25,12 @@ def test_partitioner_spreads_customer_ids() -> None:
     for _ in range(8_000):
         counts[part(f"cust-{rng.randrange(10**9):09d}")] += 1
     assert min(counts) > 800, counts
+
+
+def test_partitioner_memo_is_bounded_and_agrees_on_hits_and_misses() -> None:
+    part = Partitioner(16, cache_size=100)
+    keys = [f"cust-{i}" for i in range(1_000)]
+    fresh = [Partitioner(16, cache_size=0)(k) for k in keys]
+    for _ in range(2):  # second pass: hits for the last keys, misses after each clear
+        assert [part(k) for k in keys] == fresh
+        assert 0 < len(part.cache) <= 100
