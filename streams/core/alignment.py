@@ -128,10 +128,14 @@ class Aligner:
         limit = self.limit()
         out: list[Held] = []
         runs = 0
-        for queue in self.held.values():
+        progress = self.progress
+        for tp, queue in self.held.items():
             if not queue:
                 continue
-            if limit is None:
+            # Every held event of ``tp`` is at most its progress (the newest
+            # read), so a partition whose progress is within the limit goes out
+            # whole, without a comparison per event.
+            if limit is None or progress.get(tp, -1) <= limit:
                 out.extend(queue)
                 queue.clear()
                 runs += 1
