@@ -258,7 +258,7 @@ class EventDecoder:
         self._other_datetimes = {
             c.struct: tuple(n for n in c.datetime_fields if n != TIME_FIELD) for c in compiled
         }
-        union = Union[tuple(c.struct for c in compiled)]  # noqa: UP007 - built at runtime
+        union: Any = Union[tuple(c.struct for c in compiled)]  # noqa: UP007 - built at runtime
         self._decoder = msgspec.json.Decoder(union)
         self.max_payload_bytes = max_payload_bytes
         self.min_event_time_ms = min_event_time_ms
@@ -270,7 +270,7 @@ class EventDecoder:
         self.struct_decode = self._decoder.decode
         #: Event classes whose only extra check is "customer_id or anonymous_id"
         #: and whose only date-time is ``occurred_at``.
-        self.simple = frozenset(
+        self.simple: frozenset[type[Any]] = frozenset(
             c.struct
             for c in compiled
             if set(c.any_of_required) <= {("customer_id",), ("anonymous_id",)}
@@ -322,9 +322,9 @@ class EventDecoder:
                 head = heads.get(value[:19])
                 tail = tails.get(value[19:]) if head is not None else None
                 if tail is not None:
-                    ts = head + tail
+                    ts = head + tail  # type: ignore[operator]
                 else:
-                    ts = parse_rfc3339(value)
+                    ts = parse_rfc3339(value)  # type: ignore[assignment]
                     if ts is None:
                         raise Rejected(_not_a_datetime(TIME_FIELD, value))
             else:

@@ -22,7 +22,7 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -266,7 +266,9 @@ class JourneyStage:
         app.timer(worker.sweep_interval_s, name="journeys.sweep")(self.sweep)
         app.timer(5.0, name="journeys.gauges")(self.gauges)
         app.timer(60.0, name="memory.trim")(self.trim_memory)
-        app.on_partitions_revoked.connect(self.on_revoked)
+        # mode's SignalHandlerT is (sender, *args, signal=, **kwargs): it cannot
+        # express the required ``revoked`` argument that Faust always sends.
+        app.on_partitions_revoked.connect(self.on_revoked)  # type: ignore[arg-type]
         app.on_before_shutdown.connect(self.on_shutdown)
 
         # Faust calls page functions as fun(view, request, **match_info); bound
@@ -283,7 +285,11 @@ class JourneyStage:
         async def stats_page(web: Any, request: Any) -> Any:
             return web.json(self.stats())
 
-        routed = app.table_route(table=self.table, match_info="customer")(journey_page)
+        # Faust types the routed view as a union with a two-argument form; the
+        # wrapper it returns takes (view, request, *args, **kwargs).
+        routed: Callable[..., Awaitable[Any]] = app.table_route(
+            table=self.table, match_info="customer"
+        )(journey_page)
 
         async def journey_entry(web: Any, request: Any, customer: str) -> Any:
             # Right after start-up or a rebalance, Faust's router can fail with
@@ -516,7 +522,7 @@ class JourneyStage:
             ),
         }
 
-    async def on_shutdown(self, app: Any, **_kw: Any) -> None:
+    async def on_shutdown(self, app: Any, /, *_args: Any, **_kw: Any) -> None:
         """Clean stop: persist and ack what was processed, so a restart replays nothing."""
         if self.processor is not None:
             await self.flush()

@@ -221,7 +221,7 @@ class Ingestor:
                         if tail is not None:
                             ts = head + tail  # type: ignore[operator]
                         else:  # not cached yet (a new second): parse, which caches it
-                            ts = parse_time(occurred)
+                            ts = parse_time(occurred)  # type: ignore[assignment]
                             if ts is None:
                                 ts = -1
                     else:

@@ -350,7 +350,7 @@ def alerts_tail(settings: Settings, from_beginning: bool, follow: bool, as_json:
                 idle += 0.5
                 continue
             idle = 0.0
-            record = jsonio.loads(message.value())
+            record = jsonio.loads(message.value())  # type: ignore[arg-type]
             if as_json:
                 click.echo(jsonio.dumps(record).decode())
             else:

@@ -357,7 +357,7 @@ def _rule(raw: Any, index: int) -> Rule:
         within_ms=parse_duration(raw["within"], where),
         correlate=_getter(correlate, where)[0] if correlate else None,
         on_journey_close=bool(raw.get("on_journey_close", False)),
-        reads_properties=bool(correlate) and _getter(correlate, where)[1],
+        reads_properties=_getter(correlate, where)[1] if correlate else False,
     )
 
 
@@ -530,7 +530,7 @@ class RuleEngine:
             del seen[0]
         if len(seen) >= rule.count:
             evidence = [eid for _ts, eid in seen[-rule.count :]]
-            details = {"count": rule.count, "within_s": rule.within_ms // 1000}
+            details: dict[str, Any] = {"count": rule.count, "within_s": rule.within_ms // 1000}
             if group:
                 details["group"] = group.replace("\x1f", "/").strip("/")
             self._emit(
