@@ -33,7 +33,8 @@ system-deps:
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
-test: $(STAMP) system-deps
+# Static checks first (seconds), then the suite.
+test: $(STAMP) system-deps lint typecheck
 	$(BIN)/pytest
 
 demo: $(STAMP)

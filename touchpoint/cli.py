@@ -350,14 +350,25 @@ def alerts_tail(settings: Settings, from_beginning: bool, follow: bool, as_json:
                 idle += 0.5
                 continue
             idle = 0.0
-            record = jsonio.loads(message.value())  # type: ignore[arg-type]
-            if as_json:
-                click.echo(jsonio.dumps(record).decode())
-            else:
-                mark = "FIRING  " if record["state"] == "firing" else "resolved"
-                click.echo(
-                    f"{record['window']['end']} {mark} {record['alert_id']}  {record['description']}"
+            try:
+                record = jsonio.loads(message.value() or b"")
+                line = (
+                    jsonio.dumps(record).decode()
+                    if as_json
+                    else f"{record['window']['end']} "
+                    f"{'FIRING  ' if record['state'] == 'firing' else 'resolved'} "
+                    f"{record['alert_id']}  {record['description']}"
                 )
+            except (ValueError, KeyError, TypeError) as exc:
+                # Not an alert record (a tombstone, or something another client
+                # wrote): say so and go on; a tail must not die on one record.
+                click.echo(
+                    f"skipped a record that is not an alert at {message.topic()}"
+                    f"[{message.partition()}]@{message.offset()}: {type(exc).__name__}",
+                    err=True,
+                )
+                continue
+            click.echo(line)
     except KeyboardInterrupt:
         pass
     finally:
