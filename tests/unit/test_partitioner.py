@@ -75,3 +75,13 @@ def test_partitioner_keeps_the_gil() -> None:
         sys.setswitchinterval(interval)
     thread.join()
     assert ran_at[0] >= burst_end
+
+
+def test_pure_python_fallback_agrees_with_librdkafka() -> None:
+    from streams import bundles
+
+    assert bundles._librdkafka_murmur2() is not None  # every confluent-kafka wheel bundles it
+    fallback = bundles._python_murmur2()
+    for i in range(500):
+        key = f"cust-{i * 7919}".encode()
+        assert fallback(key, 12) == bundles._partition_of_bytes(key, 12)
