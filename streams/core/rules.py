@@ -60,6 +60,11 @@ _MISSING = object()
 
 def _getter(path: str, where: str) -> tuple[Getter, bool]:
     """A field reader and whether it needs the event's properties."""
+    if not isinstance(path, str):
+        raise ConfigError(
+            where,
+            [f"a field must be a string (event_type, channel, properties.<name>), not {path!r}"],
+        )
     if path == "event_type":
         return (lambda e, _p: e.event_type), False
     if path == "channel":
@@ -355,9 +360,9 @@ def _rule(raw: Any, index: int) -> Rule:
         start=compile_matcher(raw["start"], where),
         end=compile_matcher(raw["end"], where),
         within_ms=parse_duration(raw["within"], where),
-        correlate=_getter(correlate, where)[0] if correlate else None,
+        correlate=_getter(correlate, where)[0] if correlate is not None else None,
         on_journey_close=bool(raw.get("on_journey_close", False)),
-        reads_properties=_getter(correlate, where)[1] if correlate else False,
+        reads_properties=_getter(correlate, where)[1] if correlate is not None else False,
     )
 
 
