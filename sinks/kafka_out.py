@@ -17,7 +17,7 @@ from confluent_kafka import KafkaError, Message, Producer
 from streams.bundles import encode_bundle
 from touchpoint.config import KafkaSettings, TopicSettings
 from touchpoint.errors import TouchpointError
-from touchpoint.producer import producer_config
+from touchpoint.producer import broker_health, producer_config
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,11 @@ class OutputProducer:
         # record (thousands of changelog records a second) cost ~2 us each.
         quiet = {"delivery.report.only.error": True}
         quiet["on_delivery"] = self._on_delivery  # type: ignore[assignment]
-        self._producer = Producer(producer_config(kafka, **quiet, **{"linger.ms": 20}))
+        self._producer = Producer(
+            producer_config(
+                kafka, **quiet, **{"linger.ms": 20}, **broker_health(kafka, "worker_output")
+            )
+        )
         if single_record_batches:
             # Tansu workaround (tests/demo only): see WorkerSettings.
             self._changelog = Producer(

@@ -108,7 +108,7 @@ from touchpoint.config import (
     TopicSettings,
 )
 from touchpoint.errors import TouchpointError
-from touchpoint.producer import SOURCE_OF_CHANNEL, producer_config
+from touchpoint.producer import SOURCE_OF_CHANNEL, broker_health, producer_config
 from touchpoint.topics import partition_count
 
 log = logging.getLogger(__name__)
@@ -491,7 +491,11 @@ class Publisher:
     def __init__(self, kafka: KafkaSettings, timeout_s: float) -> None:
         self.timeout_s = timeout_s
         self._producer = Producer(
-            producer_config(kafka, **{"message.timeout.ms": int(timeout_s * 1000)})
+            producer_config(
+                kafka,
+                **{"message.timeout.ms": int(timeout_s * 1000)},
+                **broker_health(kafka, "collector"),
+            )
         )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="collector-delivery", daemon=True)

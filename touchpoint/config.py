@@ -67,6 +67,8 @@ class KafkaSettings(BaseSettings):
     # fine with the librdkafka default of 45 s or anything in between.
     session_timeout_ms: int = Field(default=10_000, ge=1_000)
     heartbeat_interval_ms: int = Field(default=1_000, ge=100)
+    # How often librdkafka clients report broker states (touchpoint_kafka_up).
+    statistics_interval_ms: int = Field(default=5_000, ge=100)
 
     @model_validator(mode="after")
     def _check_security(self) -> KafkaSettings:

@@ -171,6 +171,13 @@ REDIS_DROPPED = Counter(
 )
 REDIS_UP = Gauge("touchpoint_redis_up", "1 when the last Redis write succeeded.")
 
+# Kafka reachability, per librdkafka client of the process (from its statistics).
+KAFKA_UP = Gauge(
+    "touchpoint_kafka_up",
+    "1 while the client is connected to at least one Kafka broker, 0 while none answers.",
+    ["client"],
+)
+
 
 def serve(port: int, host: str = "0.0.0.0") -> None:
     """Expose /metrics on ``host:port`` from a background thread."""

@@ -38,6 +38,30 @@ SOURCE_OF_CHANNEL = {
 }
 
 
+def broker_health(kafka: KafkaSettings, client: str) -> dict[str, Any]:
+    """librdkafka settings that keep ``touchpoint_kafka_up{client=...}`` current.
+
+    librdkafka reports its broker connections in its statistics every
+    ``statistics_interval_ms`` (served by poll/consume/flush, which every
+    Touchpoint client calls all the time). The gauge is 1 while at least one
+    broker connection is ``UP`` and 0 while none is: a broker that is down,
+    unreachable or refusing the credentials. The series appears with the
+    first report, so a process that never reached Kafka has none (alert on
+    ``absent`` or on ``up`` for that).
+    """
+    from touchpoint import metrics
+
+    def on_stats(raw: str) -> None:
+        try:
+            brokers = jsonio.loads(raw).get("brokers") or {}
+            up = any(b.get("state") == "UP" for b in brokers.values())
+        except (ValueError, AttributeError):
+            return  # not the statistics JSON we know: leave the gauge alone
+        metrics.KAFKA_UP.labels(client).set(1 if up else 0)
+
+    return {"statistics.interval.ms": kafka.statistics_interval_ms, "stats_cb": on_stats}
+
+
 def producer_config(kafka: KafkaSettings, **overrides: Any) -> dict[str, Any]:
     """librdkafka settings for producers of customer-keyed topics."""
     return {

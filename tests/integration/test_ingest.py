@@ -209,3 +209,43 @@ def test_a_foreign_client_can_publish(
     (item,) = [i for _p, i in bundles_of(records)]
     assert isinstance(item, Touchpoint) and item.event.event_id == "foreign-1"
     assert worker.rejected_total == 0
+
+
+def _kafka_up(client: str) -> float | None:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("touchpoint_kafka_up", {"client": client})
+
+
+def test_kafka_up_is_1_with_the_broker_and_0_without(
+    kafka: KafkaSettings, topics: TopicSettings, ingest_settings: IngestSettings
+) -> None:
+    import contextlib
+
+    from confluent_kafka import Producer
+
+    from touchpoint import metrics
+    from touchpoint.broker import free_port
+    from touchpoint.producer import broker_health
+
+    for client in ("ingest_consumer", "ingest_producer"):
+        with contextlib.suppress(KeyError):
+            metrics.KAFKA_UP.remove(client)  # earlier tests of this process may have set it
+    fast = kafka.model_copy(update={"statistics_interval_ms": 200})
+    worker = IngestWorker(fast, topics, ingest_settings)
+    try:
+        deadline = time.monotonic() + 30
+        while _kafka_up("ingest_consumer") != 1 or _kafka_up("ingest_producer") != 1:
+            assert time.monotonic() < deadline, "no statistics with a connected broker"
+            worker.run_once(0.2)
+    finally:
+        worker.close()
+
+    nowhere = KafkaSettings(
+        bootstrap_servers=f"127.0.0.1:{free_port()}", statistics_interval_ms=200
+    )
+    producer = Producer({**nowhere.librdkafka(), **broker_health(nowhere, "test_nowhere")})
+    deadline = time.monotonic() + 30
+    while _kafka_up("test_nowhere") != 0:
+        assert time.monotonic() < deadline, "no statistics from a client without a broker"
+        producer.poll(0.2)

@@ -1,0 +1,41 @@
+"""touchpoint_kafka_up from librdkafka's statistics (the callback alone; the
+integration test in test_ingest.py sees it set by real clients)."""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY
+
+from touchpoint import jsonio
+from touchpoint.config import KafkaSettings
+from touchpoint.producer import broker_health
+
+
+def _value(client: str) -> float | None:
+    return REGISTRY.get_sample_value("touchpoint_kafka_up", {"client": client})
+
+
+def _stats(*states: str) -> str:
+    brokers = {
+        f"b{i}:9092/{i}": {"name": f"b{i}", "nodeid": i, "state": s} for i, s in enumerate(states)
+    }
+    return jsonio.dumps({"name": "rdkafka#producer-1", "brokers": brokers}).decode()
+
+
+def test_kafka_up_follows_the_broker_states_in_librdkafka_statistics() -> None:
+    config = broker_health(KafkaSettings(statistics_interval_ms=1_000), "unit_health")
+    assert config["statistics.interval.ms"] == 1_000
+    on_stats = config["stats_cb"]
+    assert _value("unit_health") is None  # no series before the first report
+
+    on_stats(_stats("UP", "DOWN"))
+    assert _value("unit_health") == 1
+    on_stats(_stats("DOWN", "TRY_CONNECT", "CONNECT"))
+    assert _value("unit_health") == 0
+    on_stats(_stats("INIT", "UP"))
+    assert _value("unit_health") == 1
+    on_stats(jsonio.dumps({"name": "x"}).decode())  # no brokers known: none is up
+    assert _value("unit_health") == 0
+    on_stats(_stats("UP"))
+    on_stats("not json")  # ignored, the last reading stands
+    on_stats("[1, 2]")
+    assert _value("unit_health") == 1
