@@ -108,7 +108,7 @@ from touchpoint.config import (
     TopicSettings,
 )
 from touchpoint.errors import TouchpointError
-from touchpoint.producer import SOURCE_OF_CHANNEL, broker_health, producer_config
+from touchpoint.producer import SOURCE_OF_CHANNEL, StallWatch, broker_health, producer_config
 from touchpoint.topics import partition_count
 
 log = logging.getLogger(__name__)
@@ -486,24 +486,71 @@ class Publisher:
 
     A thread serves delivery callbacks; :meth:`publish` returns when the
     broker confirmed every message, or an error text.
+
+    Like the other producers (:class:`touchpoint.producer.StallWatch`), the
+    publisher replaces its client when it can no longer deliver: after a
+    fatal error of the idempotent producer, or when it delivered nothing for
+    ``stall_after_s`` while the broker answers (a broker that lost its
+    producer-id state, e.g. restarted with memory storage, which librdkafka
+    would retry forever). The requests waiting on the old client get an error
+    (HTTP 503: the sender retries; event ids make a retry harmless).
     """
 
-    def __init__(self, kafka: KafkaSettings, timeout_s: float) -> None:
+    def __init__(self, kafka: KafkaSettings, timeout_s: float, stall_after_s: float = 15.0) -> None:
         self.timeout_s = timeout_s
-        self._producer = Producer(
-            producer_config(
-                kafka,
-                **{"message.timeout.ms": int(timeout_s * 1000)},
-                **broker_health(kafka, "collector"),
-            )
+        self._config = producer_config(
+            kafka,
+            **{"message.timeout.ms": int(timeout_s * 1000), "error_cb": self._on_error},
+            **broker_health(kafka, "collector"),
         )
+        self._producer = Producer(self._config)
+        self._watch = StallWatch(stall_after_s)
+        self._fatal = False
+        self.renewed = 0  # times the client was replaced
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="collector-delivery", daemon=True)
         self._thread.start()
 
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            self._fatal = True  # this client takes nothing more: the delivery thread replaces it
+            log.error("collector producer fatal error, replacing the client: %s", err)
+        elif err.code() == KafkaError._ALL_BROKERS_DOWN:
+            log.warning("collector producer: %s", err)
+
     def _serve(self) -> None:
         while not self._stop.is_set():
             self._producer.poll(0.05)
+            if self._fatal or self._watch.stalled(self._producer):
+                self._renew()
+
+    def _renew(self) -> None:
+        why = (
+            "a fatal error"
+            if self._fatal
+            else f"{self._watch.after_s:.0f} s without a delivery while the broker answers"
+        )
+        old, self._producer = self._producer, Producer(self._config)
+        self._fatal = False
+        self._watch.progress()
+        self.renewed += 1
+        log.warning("collector producer: new client after %s", why)
+        try:
+            old.purge(in_queue=True, in_flight=True, blocking=False)
+            old.flush(5)  # serves the purge reports: the waiting requests get an error
+        except KafkaException as exc:
+            log.warning("old collector producer: %s", exc)
+
+    def _delivered(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        future: asyncio.Future[str | None],
+        err: KafkaError | None,
+        msg: Message,
+    ) -> None:
+        if err is None:
+            self._watch.progress()
+        _on_delivery(loop, future, err, msg)
 
     def check_topics(self, names: Sequence[str]) -> None:
         for name in names:
@@ -519,7 +566,7 @@ class Publisher:
         futures: list[asyncio.Future[str | None]] = []
         for topic, key, value in messages:
             future: asyncio.Future[str | None] = loop.create_future()
-            callback = functools.partial(_on_delivery, loop, future)
+            callback = functools.partial(self._delivered, loop, future)
             while True:
                 try:
                     self._producer.produce(topic, value, key=key, on_delivery=callback)
