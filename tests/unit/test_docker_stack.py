@@ -267,6 +267,18 @@ def test_jobs_named_by_alert_rules_and_dashboard_are_scraped() -> None:
         assert any(re.fullmatch(pattern, job) for job in jobs), pattern
 
 
+def test_alert_names_in_the_alertmanager_config_exist_in_the_rules() -> None:
+    """A misspelt name in an inhibition or route silently matches nothing."""
+    rules = yaml.safe_load((DOCKER / "prometheus" / "alerts.yml").read_text())
+    defined = {rule.get("alert") for group in rules["groups"] for rule in group["rules"]}
+    manager = ALERTMANAGER_CONFIG.read_text()
+    referenced = set()
+    for expression in re.findall(r'alertname=~?"([^"]+)"', manager):
+        referenced.update(expression.split("|"))
+    assert referenced, "no alertname matchers found (the pattern is wrong)"
+    assert referenced <= defined, referenced - defined
+
+
 @pytest.mark.skipif(
     PROMTOOL is None, reason="promtool missing: `make test` installs Debian's prometheus package"
 )
