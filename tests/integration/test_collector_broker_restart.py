@@ -12,38 +12,25 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
-
-from tests.integration.test_reliability_outage import use_up_producer_ids
 from touchpoint.broker import EmbeddedBroker
 from touchpoint.collector import Publisher
 from touchpoint.config import KafkaSettings, TopicSettings
 from touchpoint.topics import ensure_topics
 
 
-@pytest.fixture
-def restartable_broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
-    broker = EmbeddedBroker(log_path=tmp_path / "tansu.log").start()
-    use_up_producer_ids(KafkaSettings(bootstrap_servers=broker.bootstrap))
-    yield broker
-    broker.stop()
-
-
 def test_publisher_gets_a_new_client_when_the_broker_lost_its_producer_ids(
-    restartable_broker: EmbeddedBroker, topics: TopicSettings
+    own_broker: EmbeddedBroker, topics: TopicSettings
 ) -> None:
-    kafka = KafkaSettings(bootstrap_servers=restartable_broker.bootstrap, session_timeout_ms=6_000)
+    kafka = KafkaSettings(bootstrap_servers=own_broker.bootstrap, session_timeout_ms=6_000)
     ensure_topics(kafka, topics)
     topic = topics.raw("web")
     publisher = Publisher(kafka, timeout_s=5.0, stall_after_s=3.0)
     try:
         assert asyncio.run(publisher.publish([(topic, b"k", b"before")])) is None
 
-        restartable_broker.stop()
-        restartable_broker.start()
+        own_broker.stop()
+        own_broker.start()
         ensure_topics(kafka, topics)  # memory storage: `touchpoint topics create` again
 
         outcomes: list[str | None] = []
