@@ -49,7 +49,7 @@ from streams.core.alignment import Aligner, Held
 from streams.core.stages import STAGE_BY_TYPE, stage_of
 from touchpoint import metrics
 from touchpoint.config import IngestSettings, KafkaSettings, TopicSettings
-from touchpoint.producer import StallWatch, broker_health
+from touchpoint.producer import StallWatch, broker_health, retire
 from touchpoint.topics import ensure_topics, partition_count
 
 log = logging.getLogger(__name__)
@@ -424,12 +424,7 @@ class IngestWorker:
 
     def _new_producer(self) -> None:
         """Drop what the producer holds (its batches re-read from the last commit) and replace it."""
-        old = self.producer
-        try:
-            old.purge(in_queue=True, in_flight=True, blocking=False)
-            old.flush(10)  # serves the purge reports: their batches are marked failed
-        except KafkaException as exc:
-            log.warning("old ingest producer: %s", exc)
+        retire(self.producer, "ingest producer")  # the purge reports mark their batches failed
         self.producer = Producer(self._producer_config)
         self._watch.progress()
 

@@ -108,7 +108,13 @@ from touchpoint.config import (
     TopicSettings,
 )
 from touchpoint.errors import TouchpointError
-from touchpoint.producer import SOURCE_OF_CHANNEL, StallWatch, broker_health, producer_config
+from touchpoint.producer import (
+    SOURCE_OF_CHANNEL,
+    StallWatch,
+    broker_health,
+    producer_config,
+    retire,
+)
 from touchpoint.topics import partition_count
 
 log = logging.getLogger(__name__)
@@ -535,11 +541,7 @@ class Publisher:
         self._watch.progress()
         self.renewed += 1
         log.warning("collector producer: new client after %s", why)
-        try:
-            old.purge(in_queue=True, in_flight=True, blocking=False)
-            old.flush(5)  # serves the purge reports: the waiting requests get an error
-        except KafkaException as exc:
-            log.warning("old collector producer: %s", exc)
+        retire(old, "collector producer", 5.0)  # the waiting requests get an error
 
     def _delivered(
         self,

@@ -74,6 +74,20 @@ def producer_config(kafka: KafkaSettings, **overrides: Any) -> dict[str, Any]:
     }
 
 
+def retire(producer: Producer, name: str, timeout: float = 10.0) -> None:
+    """Drop what a replaced client holds: its queued and in-flight messages.
+
+    The purge reports are served here (``flush``), so each dropped message's
+    delivery callback runs with ``_PURGE_QUEUE``/``_PURGE_INFLIGHT``: the
+    owner re-queues, re-reads or fails them as its contract says.
+    """
+    try:
+        producer.purge(in_queue=True, in_flight=True, blocking=False)
+        producer.flush(timeout)
+    except KafkaException as exc:
+        log.warning("old %s client: %s", name, exc)
+
+
 class StallWatch:
     """Notices a producer that delivers nothing for ``after_s`` while the broker answers.
 
@@ -170,13 +184,9 @@ class TouchpointProducer:
         Messages that were in flight may have been written already: they can
         arrive twice (at-least-once; journeys count an event once by id).
         """
-        old = self._producer
         self._renewing = True
         try:
-            old.purge(in_queue=True, in_flight=True, blocking=False)
-            old.flush(10)  # serves the purge reports, which fill ``_requeue``
-        except KafkaException as exc:
-            log.warning("old producer client: %s", exc)
+            retire(self._producer, "producer")  # the purge reports fill ``_requeue``
         finally:
             self._renewing = False
         requeue, self._requeue = self._requeue, []
