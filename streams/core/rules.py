@@ -339,6 +339,7 @@ def _rule(raw: Any, index: int) -> Rule:
         group_by = raw.get("group_by", [])
         if not isinstance(group_by, list):
             raise ConfigError(where, ["group_by must be a list of fields"])
+        readers = [_getter(path, where) for path in group_by]
         return Rule(
             name,
             kind,
@@ -346,13 +347,14 @@ def _rule(raw: Any, index: int) -> Rule:
             when=compile_matcher(raw["when"], where),
             count=count,
             within_ms=parse_duration(raw["within"], where),
-            group_by=tuple(_getter(path, where)[0] for path in group_by),
-            reads_properties=any(_getter(path, where)[1] for path in group_by),
+            group_by=tuple(getter for getter, _props in readers),
+            reads_properties=any(props for _read, props in readers),
         )
     missing = {"start", "end", "within"} - set(raw)
     if missing:
         raise ConfigError(where, [f"an absence rule needs {sorted(missing)}"])
     correlate = raw.get("correlate")
+    getter, reads_properties = _getter(correlate, where) if correlate is not None else (None, False)
     return Rule(
         name,
         kind,
@@ -360,9 +362,9 @@ def _rule(raw: Any, index: int) -> Rule:
         start=compile_matcher(raw["start"], where),
         end=compile_matcher(raw["end"], where),
         within_ms=parse_duration(raw["within"], where),
-        correlate=_getter(correlate, where)[0] if correlate is not None else None,
+        correlate=getter,
         on_journey_close=bool(raw.get("on_journey_close", False)),
-        reads_properties=_getter(correlate, where)[1] if correlate is not None else False,
+        reads_properties=reads_properties,
     )
 
 
