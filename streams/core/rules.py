@@ -18,6 +18,7 @@ so a replay yields the same ids.
 
 from __future__ import annotations
 
+import bisect
 import re
 import tomllib
 from collections.abc import Callable, Iterable
@@ -458,6 +459,10 @@ class RuleEngine:
         self._threshold = tuple(r for r in self.rules if r.kind == "threshold")
         # event type -> (candidates, whether any of them reads properties), built on first use
         self._plans: dict[str, tuple[list[tuple[Rule, str, Predicate | None]], bool]] = {}
+        # How far before an event's window threshold history must still be kept:
+        # events up to this much older than the newest one can still arrive
+        # (the sessionizer sets it to its grace; older events are late).
+        self.history_slack_ms = 0
         for rule in self.rules:
             for role, matcher in rule.matchers():
                 if matcher.event_types is None:
@@ -523,28 +528,62 @@ class RuleEngine:
         journey: Journey | None,
         fx: Any,
     ) -> None:
+        """Count one matching event in its group's window; fire at ``rule.count``.
+
+        Each group keeps ``[ts, event id]`` pairs in time order, trimmed to the
+        window ending at this event. Other groups of the customer whose newest
+        entry is older than any event still to come can use (the window plus
+        the sessionizer's grace: older events are late and never reach the
+        rules) are dropped here too. Without that, a grouped rule (the error
+        loop groups page views by url) kept one list per page visited until
+        the journey closed: state that every flush encoded again.
+        """
         event = tp.event
-        group = "\x1f".join(
-            "" if (v := get(event, props)) is _MISSING or v is None else str(v)
-            for get in rule.group_by
-        )
-        groups = state.rules.setdefault(rule.name, {})
-        seen = groups.setdefault(group, [])
-        seen.append([tp.ts, event.event_id])
-        seen.sort()
-        horizon = tp.ts - rule.within_ms
-        while seen and seen[0][0] < horizon:
+        ts = tp.ts
+        getters = rule.group_by
+        if not getters:
+            group = ""
+        elif len(getters) == 1:
+            v = getters[0](event, props)
+            group = "" if v is _MISSING or v is None else str(v)
+        else:
+            group = "\x1f".join(
+                [
+                    "" if (v := get(event, props)) is _MISSING or v is None else str(v)
+                    for get in getters
+                ]
+            )
+        rules = state.rules
+        groups = rules.get(rule.name)
+        if groups is None:
+            groups = rules[rule.name] = {}
+        entry: list[Any] = [ts, event.event_id]
+        seen = groups.get(group)
+        if seen is None:
+            seen = groups[group] = [entry]
+        elif entry >= seen[-1]:
+            seen.append(entry)
+        else:
+            bisect.insort(seen, entry)
+        horizon = ts - rule.within_ms
+        while seen[0][0] < horizon:
             del seen[0]
+        if len(groups) > 1:
+            stale = horizon - self.history_slack_ms
+            for name in [g for g, entries in groups.items() if entries[-1][0] < stale]:
+                del groups[name]
         if len(seen) >= rule.count:
             evidence = [eid for _ts, eid in seen[-rule.count :]]
             details: dict[str, Any] = {"count": rule.count, "within_s": rule.within_ms // 1000}
             if group:
                 details["group"] = group.replace("\x1f", "/").strip("/")
             self._emit(
-                state, rule, journey, event.channel, tp.ts, evidence, details, fx,
+                state, rule, journey, event.channel, ts, evidence, details, fx,
                 signal_id(rule.name, state.key, *evidence),
             )  # fmt: skip
             del groups[group]
+            if not groups:
+                del rules[rule.name]
 
     def _correlation(self, rule: Rule, event: Event, props: dict[str, Any] | None) -> str | None:
         if rule.correlate is None:

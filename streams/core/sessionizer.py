@@ -106,6 +106,8 @@ class Sessionizer:
     ) -> None:
         self.config = config or SessionConfig()
         self.rules = rules
+        if rules is not None:
+            rules.history_slack_ms = self.config.grace_ms
         gaps = self.config.channel_gap_ms
         default = self.config.gap_ms
         self.gap: Callable[[str], int] = lambda channel: gaps.get(channel, default)

@@ -145,6 +145,31 @@ def test_error_loop_needs_the_same_error_three_times_within_a_minute() -> None:
     assert rules_of(d) == ["error_loop"]
 
 
+def test_threshold_history_of_other_groups_is_dropped_once_no_event_can_use_it() -> None:
+    """A page view per url, 2 min apart, in one open journey: the error loop keeps
+    only the groups that an event within the grace could still count with."""
+    d = driver()
+    grace = d.s.config.grace_ms
+    for i in range(20):
+        d.feed(tp(f"v{i}", T0 + i * 2 * MINUTE, url=f"/p/{i}"))
+    groups = d.state("c1").rules["error_loop"]
+    window = MINUTE + grace  # the rule's window plus the grace
+    newest = T0 + 19 * 2 * MINUTE
+    assert groups, "the newest page view is counted"
+    assert all(entries[-1][0] >= newest - window for entries in groups.values())
+    assert len(groups) <= window // (2 * MINUTE) + 1
+    assert len(d.state("c1").journeys) == 1  # still one journey: only the rule history shrank
+
+
+def test_a_group_kept_within_the_grace_still_counts_an_out_of_order_event() -> None:
+    d = driver()
+    d.feed(tp("a", T0, url="/x"), tp("b", T0 + 10_000, url="/x"))
+    d.feed(tp("c", T0 + 3 * MINUTE, url="/y"))  # /x is 3 min old: within window + grace
+    d.feed(tp("d", T0 + 20_000, url="/x"))  # out of order, not late (grace 5 min)
+    assert rules_of(d) == ["error_loop"]
+    assert d.signals[0]["evidence"] == ["a", "b", "d"]
+
+
 # ------------------------------------------------------------------ absence
 def cart(eid: str, ts: int, cart_id: str = "cart-1") -> Any:
     return tp(eid, ts, etype="cart_add", cart_id=cart_id, product_id="p", price=5.0)
