@@ -116,6 +116,14 @@ class StallWatch:
             return False
         if now - self.last_progress < self.after_s:
             return False
+        # Delivery reports are only seen when the owner polls. After a long
+        # spell without polling (a rebalance callback waiting on the broker, a
+        # slow commit) the messages may well be delivered with their reports
+        # still queued: serve them before judging.
+        producer.poll(0)
+        if len(producer) == 0 or time.monotonic() - self.last_progress < self.after_s:
+            self.last_progress = time.monotonic()
+            return False
         self.last_progress = now  # check again after another after_s at the earliest
         try:
             producer.list_topics(timeout=5)
