@@ -207,6 +207,27 @@ class RocksTableStore:
         return list(islice(self.scan(partition, after), limit))
 
 
+def consumer_connected(app: Any) -> bool | None:
+    """Whether the Faust app's Kafka consumer has a live broker connection.
+
+    Reads aiokafka's connection table in Faust's consumer thread (private
+    attributes of faust-streaming 0.15 and aiokafka 0.1x: ``Consumer._thread``,
+    ``AIOKafkaConsumer._client._conns``); the consumer fetches and heartbeats
+    all the time, so a live consumer always holds open connections, and
+    aiokafka drops a connection the broker closed. None when it cannot tell
+    (consumer not started, or internals that moved in another version: then
+    the gauge is simply not reported, never a wrong 1).
+    """
+    try:
+        consumer = app.consumer._thread._consumer
+        if consumer is None:
+            return None
+        conns = list(consumer._client._conns.values())  # copied: another thread's dict
+        return any(conn.connected() for conn in conns)
+    except (AttributeError, RuntimeError):
+        return None
+
+
 class JourneyStage:
     """Wires the journey processor into a Faust app."""
 
@@ -266,6 +287,9 @@ class JourneyStage:
         app.timer(worker.sweep_interval_s, name="journeys.sweep")(self.sweep)
         app.timer(5.0, name="journeys.gauges")(self.gauges)
         app.timer(60.0, name="memory.trim")(self.trim_memory)
+        app.timer(settings.kafka.statistics_interval_ms / 1000, name="kafka.consumer_up")(
+            self.consumer_health
+        )
         # mode's SignalHandlerT is (sender, *args, signal=, **kwargs): it cannot
         # express the required ``revoked`` argument that Faust always sends.
         app.on_partitions_revoked.connect(self.on_revoked)  # type: ignore[arg-type]
@@ -411,6 +435,17 @@ class JourneyStage:
         took = release_free_memory()
         if took > 0.05:
             log.info("malloc_trim took %.0f ms", took * 1000)
+
+    async def consumer_health(self) -> None:
+        """``touchpoint_kafka_up{client="worker_consumer"}``: the bundle consumer's connections.
+
+        The worker's librdkafka clients (its output producer) report their
+        broker states themselves (:func:`touchpoint.producer.broker_health`);
+        the consumer is Faust's aiokafka client, which has no such statistics.
+        """
+        up = consumer_connected(self.app)
+        if up is not None:
+            metrics.KAFKA_UP.labels("worker_consumer").set(1 if up else 0)
 
     async def gauges(self) -> None:
         if self.processor is None:

@@ -97,6 +97,19 @@ class Supervisor:
 # ---------------------------------------------------------------- broker outage
 
 
+def kafka_up(worker: WorkerProcess, client: str) -> float | None:
+    """touchpoint_kafka_up{client=...} on the worker's /metrics (None: no series or no answer)."""
+    try:
+        text = httpx.get(f"{worker.url}/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "touchpoint_kafka_up" and sample.labels.get("client") == client:
+                return sample.value
+    return None
+
+
 def test_broker_outage_and_restart(
     own_broker: EmbeddedBroker,
     topics: TopicSettings,
@@ -114,17 +127,27 @@ def test_broker_outage_and_restart(
         # Before: the pipeline works.
         p.send(*(page_view(f"pre-{i}", customer_id=f"pre-{i}", ts=now_ms()) for i in range(8)))
         wait_until(lambda: live_journey(supervisor.current, "pre-7"), 60)
+        # Both of the worker's Kafka clients report the broker as reachable: the
+        # output producer (librdkafka statistics) and Faust's consumer (aiokafka).
+        first = supervisor.current
+        wait_until(lambda: kafka_up(first, "worker_consumer") == 1, 30)
+        wait_until(lambda: kafka_up(first, "worker_output") == 1, 30)
 
         # Mid-stream: events keep coming while the broker is away. The producer
         # only queues them (send never blocks on the broker).
         own_broker.stop()
         during: list[str] = []
         stream_started = time.monotonic()
+        consumer_down_seen = False
         while time.monotonic() - stream_started < OUTAGE_S:
             customer = f"during-{len(during)}"
             assert p.producer.send(page_view(customer, customer_id=customer, ts=now_ms())) is None
             during.append(customer)
             time.sleep(1.0)
+            consumer_down_seen = consumer_down_seen or kafka_up(first, "worker_consumer") == 0
+        # The worker outlives the first seconds of an outage (its flush waits up
+        # to 60 s for delivery), long enough to report its consumer cut off.
+        assert consumer_down_seen, "worker_consumer never reported the broker down"
         # Nothing was delivered meanwhile, and nothing died.
         assert p.producer.flush(1) > 0
         assert p._thread.is_alive(), "ingest died during the outage"

@@ -39,3 +39,36 @@ def test_kafka_up_follows_the_broker_states_in_librdkafka_statistics() -> None:
     on_stats("not json")  # ignored, the last reading stands
     on_stats("[1, 2]")
     assert _value("unit_health") == 1
+
+
+# ---------------------------------------------------------------- the worker's Faust consumer
+class _Conn:
+    def __init__(self, up: bool) -> None:
+        self.up = up
+
+    def connected(self) -> bool:
+        return self.up
+
+
+def _app(consumer: object) -> object:
+    """An object shaped like a Faust app whose consumer thread holds ``consumer``."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(consumer=SimpleNamespace(_thread=SimpleNamespace(_consumer=consumer)))
+
+
+def _aiokafka(*ups: bool) -> object:
+    from types import SimpleNamespace
+
+    conns = {(i, 0): _Conn(up) for i, up in enumerate(ups)}
+    return SimpleNamespace(_client=SimpleNamespace(_conns=conns))
+
+
+def test_the_worker_consumer_is_up_while_one_aiokafka_connection_is() -> None:
+    from streams.app import consumer_connected
+
+    assert consumer_connected(_app(_aiokafka(False, True))) is True
+    assert consumer_connected(_app(_aiokafka(False, False))) is False
+    assert consumer_connected(_app(_aiokafka())) is False  # aiokafka dropped them all
+    assert consumer_connected(_app(None)) is None  # not started: no reading
+    assert consumer_connected(object()) is None  # other internals: no reading, never a 1
