@@ -113,7 +113,7 @@ def measure_ingest(kafka: KafkaSettings, topics: TopicSettings, events: int) -> 
     started = None
     try:
         while worker.released_total + worker.rejected_total < events:
-            read = worker.run_once(1.0)
+            read = worker.run_once()  # consume timeout as in `touchpoint ingest`
             if read and started is None:
                 started = time.perf_counter()
         worker.producer.flush(60)  # delivered, not just sent
