@@ -307,6 +307,15 @@ def test_forget_erases_the_customer_everywhere(pipeline: Pipeline) -> None:
     wait_until(lambda: worker.journey(anonymous)[0] == 404, 30)
     wait_until(lambda: r.get(key) is None, 10)
     assert worker.journey("cust-other")[0] == 200
+
+    # The erasure is durable once a flush that began after it completed (Redis
+    # is written before the changelog is delivered, so Redis alone does not
+    # tell). Two completions after this point: the first may have begun before.
+    def flushed_after(t: float) -> float:
+        wait_until(lambda: (worker.stats()["last_flush_at"] or 0) > t, 30)
+        return float(worker.stats()["last_flush_at"])
+
+    flushed_after(flushed_after(time.time()))
     # The changelog holds tombstones: a fresh worker recovers nothing of the customer.
     worker.kill()
     fresh = pipeline.worker()
