@@ -369,6 +369,14 @@ class JourneyStage:
             self.touchpoints += processor.handle(message.partition, message.offset, message.value)
             self.bundles += 1
             self._unacked.append(event)
+            # Let the loop run between bundles. Taking the next bundle from a
+            # non-empty stream buffer does not suspend, so without this the
+            # agent could drain thousands of buffered bundles in one go while
+            # the web server (lookups), the flush and sweep timers and Faust's
+            # fetch task (which starts the next fetch) all waited. In paired
+            # worker-alone runs the process went from 0.71-0.96 to 0.88-0.99
+            # CPU/wall (events/s: means 28.3k -> 30.0k over 7 pairs, within noise).
+            await asyncio.sleep(0)
             if len(self._unacked) >= limit:
                 # Flush in the background while the next bundles are processed:
                 # waiting here for the broker's acknowledgement idled the
