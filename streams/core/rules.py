@@ -540,19 +540,12 @@ class RuleEngine:
         """
         event = tp.event
         ts = tp.ts
-        getters = rule.group_by
-        if not getters:
-            group = ""
-        elif len(getters) == 1:
-            v = getters[0](event, props)
-            group = "" if v is _MISSING or v is None else str(v)
-        else:
-            group = "\x1f".join(
-                [
-                    "" if (v := get(event, props)) is _MISSING or v is None else str(v)
-                    for get in getters
-                ]
-            )
+        group = "\x1f".join(
+            [
+                "" if (v := get(event, props)) is _MISSING or v is None else str(v)
+                for get in rule.group_by
+            ]
+        )
         rules = state.rules
         groups = rules.get(rule.name)
         if groups is None:
