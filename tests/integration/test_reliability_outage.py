@@ -31,6 +31,7 @@ import httpx
 import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from tests.events import event, page_view
 from tests.pipeline import Pipeline, WorkerProcess, wait_until
@@ -45,16 +46,20 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def scrape(worker: WorkerProcess) -> dict[str, float]:
-    """The worker's unlabelled (and summed labelled) metric samples, by sample name."""
+def samples(worker: WorkerProcess) -> list[Sample]:
+    """Every sample on the worker's /metrics (none when it does not answer)."""
     try:
         text = httpx.get(f"{worker.url}/metrics", timeout=5).text
     except httpx.HTTPError:
-        return {}
+        return []
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
+def scrape(worker: WorkerProcess) -> dict[str, float]:
+    """The worker's unlabelled (and summed labelled) metric samples, by sample name."""
     out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[sample.name] = out.get(sample.name, 0.0) + sample.value
+    for sample in samples(worker):
+        out[sample.name] = out.get(sample.name, 0.0) + sample.value
     return out
 
 
@@ -99,14 +104,9 @@ class Supervisor:
 
 def kafka_up(worker: WorkerProcess, client: str) -> float | None:
     """touchpoint_kafka_up{client=...} on the worker's /metrics (None: no series or no answer)."""
-    try:
-        text = httpx.get(f"{worker.url}/metrics", timeout=5).text
-    except httpx.HTTPError:
-        return None
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "touchpoint_kafka_up" and sample.labels.get("client") == client:
-                return sample.value
+    for sample in samples(worker):
+        if sample.name == "touchpoint_kafka_up" and sample.labels.get("client") == client:
+            return sample.value
     return None
 
 
