@@ -24,6 +24,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 import msgspec
@@ -297,7 +298,8 @@ class Sessionizer:
                 channels={},
             )
             journeys.append(journey)
-            journeys.sort(key=lambda j: j.start)
+            if len(journeys) > 1 and journeys[-2].start > ts:
+                journeys.sort(key=_START)
             return journey
         target = hits[0]
         for other in hits[1:]:
@@ -499,6 +501,8 @@ class Sessionizer:
             "outcome": outcome_of(journey),
         }
 
+
+_START = attrgetter("start")
 
 _BUSINESS = frozenset(
     {"cart_add", "cart_remove", "checkout_start", "purchase", "pos_purchase", "survey_response"}
