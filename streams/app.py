@@ -406,6 +406,7 @@ class JourneyStage:
                 await loop.run_in_executor(None, self.output.flush)
                 self.processor.write_changelog(changelog)
                 await loop.run_in_executor(None, self.output.flush)
+                self.processor.publish_mirror()  # Redis shows only durable state
             except Exception as exc:
                 # Acking anything after this could commit past the undelivered
                 # records, so this worker stops for good and a restart replays

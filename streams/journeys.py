@@ -206,6 +206,8 @@ class JourneyProcessor:
         self.output = output
         self.topics = topics
         self.redis = redis
+        # Redis values of a deferred flush, held until its changelog is delivered.
+        self.mirror_pending: dict[str, bytes | None] = {}
         self.idle_ms = idle_ms
         self.wall = wall
         self.spikes = spikes or SpikeConfig()
@@ -618,6 +620,12 @@ class JourneyProcessor:
         two deliveries must never leave a state whose outputs (closed
         journeys, signals, late events, forwarded stitching items) are lost:
         a restarted worker would skip those bundles and never emit them again.
+
+        Redis follows the same rule: with ``deferred`` its updates are held
+        until the shell calls :meth:`publish_mirror` after the changelog is
+        delivered, so other services never read a journey (or miss an erased
+        customer) that a crash could still roll back. Without ``deferred``
+        (tests, tools) they are submitted at once.
         """
         output = self.output
         changelog = output.changelog if deferred is None else _appender(deferred)
@@ -687,11 +695,20 @@ class JourneyProcessor:
         self.dirty.clear()
         store.commit()
         if self.redis is not None and redis_updates:
-            self.redis.submit(redis_updates)
+            if deferred is None:
+                self.redis.submit(redis_updates)
+            else:
+                self.mirror_pending.update(redis_updates)
         metrics.CHANGELOG_RECORDS.inc(written)
         metrics.STATE_BYTES.inc(state_bytes)
         self.counts["changelog_records"] += written
         return written
+
+    def publish_mirror(self) -> None:
+        """Send Redis the updates of deferred flushes, once their changelog is delivered."""
+        if self.redis is not None and self.mirror_pending:
+            pending, self.mirror_pending = self.mirror_pending, {}
+            self.redis.submit(pending)
 
     def write_changelog(self, writes: list[tuple[int, bytes, bytes | None]]) -> None:
         """Send changelog records deferred by :meth:`flush`, in order."""

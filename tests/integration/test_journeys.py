@@ -308,9 +308,10 @@ def test_forget_erases_the_customer_everywhere(pipeline: Pipeline) -> None:
     wait_until(lambda: r.get(key) is None, 10)
     assert worker.journey("cust-other")[0] == 200
 
-    # The erasure is durable once a flush that began after it completed (Redis
-    # is written before the changelog is delivered, so Redis alone does not
-    # tell). Two completions after this point: the first may have begun before.
+    # Redis drops the key only after the changelog with the customer's tombstone
+    # is delivered; the cascaded erasure of the anonymous id is a later bundle
+    # with its own flush. Two flush completions after this point cover both
+    # (the first may have begun before).
     def flushed_after(t: float) -> float:
         wait_until(lambda: (worker.stats()["last_flush_at"] or 0) > t, 30)
         return float(worker.stats()["last_flush_at"])

@@ -97,6 +97,40 @@ def test_a_deferred_flush_sends_no_state_until_asked_and_then_the_same_records()
     assert out.kinds().index("changelog") > out.kinds().index("record")
 
 
+class MirrorRecorder:
+    """A RedisJourneySink stand-in: every submit, in order."""
+
+    def __init__(self) -> None:
+        self.submits: list[dict[str, bytes | None]] = []
+
+    def submit(self, updates: dict[str, bytes | None], resync: bool = False) -> None:
+        self.submits.append(dict(updates))
+
+
+def test_redis_sees_a_deferred_flush_only_once_its_changelog_is_delivered() -> None:
+    mirror = MirrorRecorder()
+    p = processor(Recorder(), DictStore(Partitioner(1)))
+    p.redis = mirror  # type: ignore[assignment]
+    (first,) = bundles([page_view("a-1", customer_id="alice", ts=T)])
+    p.handle(0, 0, first)
+    deferred: list[tuple[int, bytes, bytes | None]] = []
+    p.flush(deferred=deferred)
+    assert mirror.submits == []  # a crash now rolls alice back: Redis must not show her
+    # A second flush before delivery (it cannot happen in the worker: flushes
+    # are serialised) would still be held, newest value per key.
+    p.write_changelog(deferred)
+    p.publish_mirror()
+    assert [set(s) for s in mirror.submits] == [{"alice"}]
+    assert jsonio.loads(mirror.submits[0]["alice"] or b"")["customer_id"] == "alice"
+    p.publish_mirror()  # nothing pending: nothing sent again
+    assert len(mirror.submits) == 1
+    # Without ``deferred`` (tests, tools) the update goes out at once.
+    (second,) = bundles([page_view("b-1", customer_id="bob", ts=T + 1)])
+    p.handle(0, 1, second)
+    p.flush()
+    assert [set(s) for s in mirror.submits] == [{"alice"}, {"bob"}]
+
+
 def test_replay_after_a_crash_applies_each_bundle_once_with_a_customer_many_times_per_bundle() -> (
     None
 ):
