@@ -51,7 +51,7 @@ from streams.core.rules import RuleEngine, load_rules
 from streams.core.sessionizer import SessionConfig, Sessionizer
 from streams.ingest import Ingestor, MemoryMessage, by_target
 from streams.journeys import DictStore, JourneyProcessor
-from touchpoint import jsonio
+from touchpoint import gc_tuning, jsonio
 from touchpoint.config import TopicSettings
 from touchpoint.simulator import Simulator
 
@@ -248,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.stage == "ingest"
             else (lambda: run_raw(data))
         )
+    gc_tuning.tune()  # as in the worker and ingest processes
     if args.prepare_only:
         return 0
     if args.profile:

@@ -16,26 +16,11 @@ from typing import IO, Any
 
 import click
 
-from touchpoint import jsonio
+from touchpoint import gc_tuning, jsonio
 from touchpoint.config import Settings
 from touchpoint.errors import TouchpointError
 
 log = logging.getLogger("touchpoint")
-
-
-def _tune_gc() -> None:
-    """Collect the young generation less often in the stream processes.
-
-    Journeys keep many small containers alive; with the default threshold
-    (700) CPython's cyclic collector ran so often that it cost ~7 us per event
-    (measured). The code creates few reference cycles, so collecting every
-    50k allocations keeps memory flat while removing most of that cost.
-    """
-    import gc
-
-    gc.collect()
-    gc.freeze()  # start-up objects never need scanning again
-    gc.set_threshold(50_000, 20, 100)
 
 
 def _setup_logging(level: str) -> None:
@@ -176,7 +161,7 @@ def ingest(settings: Settings, metrics_port: int | None) -> None:
         raise click.ClickException(
             f"cannot set up topics on Kafka at {settings.kafka.bootstrap_servers}: {exc}"
         ) from exc
-    _tune_gc()
+    gc_tuning.tune()
     stop = threading.Event()
     try:
         worker.run(stop)
@@ -222,7 +207,7 @@ def worker(settings: Settings, web_port: int | None, store: str | None) -> None:
         settings.__dict__["worker"] = settings.worker.model_copy(update=overrides)
     ensure_topics(settings.kafka, settings.topics)
     app, _stage = create_app(settings)
-    _tune_gc()
+    gc_tuning.tune()
     # -l info: at the default level Faust sets the root logger to DEBUG (FIELD-NOTES).
     Worker(app, loglevel="info").execute_from_commandline()
 
