@@ -741,8 +741,14 @@ class JourneyProcessor:
                 "channels": j.channels,
                 "stage_current": j.last_staged[2] if j.last_staged else -1,
                 "stage_furthest": j.furthest,
-                "cart": [cart.status(), max(cart.items, 0), round(cart.value, 2)],
-                "orders": [j.orders, round(j.revenue, 2)],
+                # round() of a float costs ~0.2 us; most journeys have no cart
+                # value or revenue, and 0.0 needs no rounding.
+                "cart": [
+                    cart.status(),
+                    max(cart.items, 0),
+                    round(cart.value, 2) if cart.value else 0.0,
+                ],
+                "orders": [j.orders, round(j.revenue, 2) if j.revenue else 0.0],
                 "friction": j.friction,
                 "identified": j.identified,
                 "anonymous_ids": j.anonymous_ids,
