@@ -42,6 +42,34 @@ from touchpoint.errors import SchemaError
 # checks exactly this plus the calendar checks of ``format: date-time``.
 RFC3339_PATTERN = "^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}([.][0-9]{1,9})?(Z|[+-][0-9]{2}:[0-9]{2})$"
 
+
+def python_pattern(pattern: str) -> str:
+    r"""A JSON Schema pattern (ECMA-262) for Python's ``re``: ``$`` ends the input.
+
+    In Python ``$`` also matches before a trailing newline, so ``"USD\n"``
+    would pass ``^[A-Z]{3}$``; in JSON Schema it does not. Each ``$`` outside
+    a character class and not escaped becomes ``\Z``. The reference
+    validator of the tests (tests/reference.py) uses the same translation.
+    """
+    out: list[str] = []
+    i, in_class = 0, False
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            out.append(pattern[i : i + 2])
+            i += 2
+            continue
+        if in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+        elif c == "$":
+            c = "\\Z"
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
 _ANNOTATIONS = {"description", "title", "examples", "$comment"}
 _TOP_ONLY = {"$schema", "$id", "self", "anyOf"}
 _ALLOWED = _ANNOTATIONS | {
@@ -141,7 +169,7 @@ class _Compiler:
         if "maxLength" in node:
             meta["max_length"] = node["maxLength"]
         if "pattern" in node:
-            meta["pattern"] = node["pattern"]
+            meta["pattern"] = python_pattern(node["pattern"])
         fmt = node.get("format")
         if fmt is not None:
             if fmt != "date-time" or top_field is None:

@@ -5,17 +5,27 @@ Two deliberate differences from stock JSON Schema and Python's json are
 configured here and in the decoder alike: ``1.0`` is not an integer, and a
 string holding a lone surrogate (``"\\ud800"``) is not text (it has no UTF-8
 form; I-JSON, RFC 7493, forbids it; Python's json accepts it).
+
+One library behaviour is corrected towards the standard: jsonschema runs
+``pattern`` (and rfc3339-validator the date-time format) with Python's
+``re``, where ``$`` also matches before a trailing newline; in JSON Schema
+(ECMA-262) it does not, so ``"2026-01-01T00:00:00Z\\n"`` is no date-time.
+Patterns are translated with :func:`schemas.compiler.python_pattern`, as the
+decoder's are.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterator
 from functools import cache
 from typing import Any
 
 import jsonschema
-from jsonschema import Draft202012Validator, FormatChecker
+from jsonschema import Draft202012Validator, FormatChecker, ValidationError
 
+from schemas.compiler import python_pattern
 from schemas.registry import load_all
 
 
@@ -23,8 +33,20 @@ def _is_integer(checker: Any, instance: Any) -> bool:
     return isinstance(instance, int) and not isinstance(instance, bool)
 
 
+@cache
+def _compiled(pattern: str) -> re.Pattern[str]:
+    return re.compile(python_pattern(pattern))
+
+
+def _pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Iterator[ValidationError]:
+    if validator.is_type(instance, "string") and not _compiled(pattern).search(instance):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
 _TYPES = Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer)
-StrictValidator = jsonschema.validators.extend(Draft202012Validator, type_checker=_TYPES)
+StrictValidator = jsonschema.validators.extend(
+    Draft202012Validator, validators={"pattern": _pattern}, type_checker=_TYPES
+)
 
 
 @cache

@@ -141,6 +141,21 @@ def test_survey_scores_follow_the_kind() -> None:
         assert both(data) == (ok, ok), (survey, score)
 
 
+def test_a_trailing_newline_does_not_satisfy_a_pattern_in_either() -> None:
+    # Python's re lets "$" match before a final newline; JSON Schema's
+    # (ECMA-262) "$" does not. Found by Hypothesis in occurred_at.
+    assert both(with_(occurred_at="2026-01-01T00:00:00Z")) == (True, True)
+    assert both(with_(occurred_at="2026-01-01T00:00:00Z\n")) == (False, False)
+    purchase = {
+        "schema": uri_for("purchase"), "event_id": "p-1", "event_type": "purchase",
+        "channel": "web", "occurred_at": "2026-11-02T09:15:01Z", "customer_id": "c-1",
+        "properties": {"order_id": "o-1", "value": 89.9, "currency": "EUR", "items": 1},
+    }  # fmt: skip
+    assert both(json.dumps(purchase).encode()) == (True, True)
+    purchase["properties"]["currency"] = "EUR\n"  # type: ignore[index]
+    assert both(json.dumps(purchase).encode()) == (False, False)
+
+
 def test_every_event_schema_is_covered_by_the_generator() -> None:
     assert len(event_schemas()) >= 21
 
