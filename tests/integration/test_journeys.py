@@ -259,7 +259,6 @@ def test_rebalance_between_two_workers_keeps_state_and_routes_lookups(pipeline: 
     wait_until(lambda: _counts(a, customers) == {c: 4 for c in customers}, 60)
 
 
-@pytest.mark.parametrize("pipeline", [LONG], indirect=True)
 def _committed_to_end(pipeline: Pipeline) -> bool:
     """True when the worker group's committed offsets reach the validated topic's end."""
     from confluent_kafka import Consumer, TopicPartition
@@ -280,6 +279,7 @@ def _committed_to_end(pipeline: Pipeline) -> bool:
         probe.close()
 
 
+@pytest.mark.parametrize("pipeline", [LONG], indirect=True)
 def test_forget_erases_the_customer_everywhere(pipeline: Pipeline) -> None:
     import subprocess
     import sys
