@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections import Counter, defaultdict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from operator import countOf, itemgetter
 from typing import Any, Protocol
@@ -131,6 +131,15 @@ def by_target(entries: list[Held]) -> dict[int, list[Any]]:
             items = out[target] = []
         items.append(item)
     return out
+
+
+def encoded_bundles(
+    entries: list[Held], per_message: int, now_ms: int
+) -> Iterator[tuple[int, bytes]]:
+    """(target partition, encoded bundle) of held entries, at most ``per_message`` items each."""
+    for partition, items in by_target(entries).items():
+        for start in range(0, len(items), per_message):
+            yield partition, encode_bundle(items[start : start + per_message], now_ms)
 
 
 class Ingestor:
@@ -497,15 +506,9 @@ class IngestWorker:
         validated = self.topics.validated
         per_message = self.settings.bundle_max_events
         bundles = 0
-        for partition, items in by_target(released).items():
-            for start in range(0, len(items), per_message):
-                self._produce(
-                    validated,
-                    encode_bundle(items[start : start + per_message], now_ms),
-                    batch,
-                    partition=partition,
-                )
-                bundles += 1
+        for partition, value in encoded_bundles(released, per_message, now_ms):
+            self._produce(validated, value, batch, partition=partition)
+            bundles += 1
         for key, value in dead:
             self._produce(self.topics.deadletter, value, batch, key=key)
         # Touchpoints released (links are not events); counted in C, not per event in Python.

@@ -49,7 +49,7 @@ from schemas.decoder import EventDecoder
 from streams.bundles import Partitioner, encode_bundle
 from streams.core.rules import RuleEngine, load_rules
 from streams.core.sessionizer import SessionConfig, Sessionizer
-from streams.ingest import Ingestor, MemoryMessage, by_target
+from streams.ingest import Ingestor, MemoryMessage, encoded_bundles
 from streams.journeys import DictStore, JourneyProcessor
 from touchpoint import gc_tuning, jsonio
 from touchpoint.config import TopicSettings
@@ -113,7 +113,10 @@ def prepare(events: int, partitions: int, bundle: int) -> list[tuple[int, bytes]
 def run_ingest(
     messages: list[MemoryMessage], partitions: int, batch: int = 20_000, bundle: int = 500
 ) -> dict[str, Any]:
-    """Ingest's transform: decode, validate, route, group and encode bundles (no Kafka)."""
+    """Ingest's transform: decode, validate, route, group and encode bundles (no Kafka).
+
+    The same bundling as ``IngestWorker._emit`` (:func:`~streams.ingest.encoded_bundles`).
+    """
     ingestor = Ingestor(EventDecoder(), Partitioner(partitions), {})
     started = time.perf_counter()
     accepted = encoded = 0
@@ -121,9 +124,8 @@ def run_ingest(
         result = ingestor.process(messages[start : start + batch], 0)
         accepted += result.events
         held = [entry for entries in result.entries.values() for entry in entries]
-        for items in by_target(held).values():
-            for first in range(0, len(items), bundle):
-                encoded += len(encode_bundle(items[first : first + bundle], 0))
+        for _partition, value in encoded_bundles(held, bundle, 0):
+            encoded += len(value)
     return {"touchpoints": accepted, "seconds": time.perf_counter() - started, "bytes": encoded}
 
 
