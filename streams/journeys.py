@@ -757,10 +757,17 @@ class JourneyProcessor:
         )
 
     def resync_redis(self) -> None:
-        """Re-send every live journey to Redis (after the sink dropped updates)."""
+        """Re-send every live journey to Redis (after the sink dropped updates).
+
+        Only durable state: a key changed since the last flush began (``dirty``)
+        is left to the next flush, which mirrors it once its changelog is
+        delivered, as :meth:`publish_mirror` does for every other update.
+        """
         if self.redis is not None:
+            dirty = self.dirty
             self.redis.submit(
-                {key: self.redis_value(s) for key, s in self.cache.items()}, resync=True
+                {key: self.redis_value(s) for key, s in self.cache.items() if key not in dirty},
+                resync=True,
             )
 
     def active_by_stage(self) -> Counter[str]:

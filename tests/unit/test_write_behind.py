@@ -131,6 +131,38 @@ def test_redis_sees_a_deferred_flush_only_once_its_changelog_is_delivered() -> N
     assert [set(s) for s in mirror.submits] == [{"alice"}, {"bob"}]
 
 
+def test_a_resync_sends_only_durable_state() -> None:
+    # The worker resyncs right after a flush's changelog is delivered; bundles
+    # handled while that flush waited on the broker are not durable yet.
+    mirror = MirrorRecorder()
+    p = processor(Recorder(), DictStore(Partitioner(1)))
+    p.redis = mirror  # type: ignore[assignment]
+    first, second = bundles(
+        [page_view("a-1", customer_id="alice", ts=T), page_view("b-1", customer_id="bob", ts=T)],
+        [
+            page_view("b-2", customer_id="bob", ts=T + 1),
+            page_view("c-1", customer_id="carol", ts=T + 1),
+        ],
+    )
+    p.handle(0, 0, first)
+    deferred: list[tuple[int, bytes, bytes | None]] = []
+    p.flush(deferred=deferred)
+    p.handle(0, 1, second)  # during the flush's await
+    p.write_changelog(deferred)
+    p.publish_mirror()
+    mirror.submits.clear()
+    p.resync_redis()
+    assert [set(s) for s in mirror.submits] == [{"alice"}]
+    # The next flush mirrors bob's and carol's changes once they are durable.
+    deferred = []
+    p.flush(deferred=deferred)
+    p.write_changelog(deferred)
+    p.publish_mirror()
+    assert [set(s) for s in mirror.submits] == [{"alice"}, {"bob", "carol"}]
+    bob = jsonio.loads(mirror.submits[1]["bob"] or b"")
+    assert bob["touchpoint_count"] == 2
+
+
 def test_replay_after_a_crash_applies_each_bundle_once_with_a_customer_many_times_per_bundle() -> (
     None
 ):
