@@ -146,6 +146,9 @@ class _Meta(msgspec.Struct, array_like=True):
     floor: int
     # Signal counts of the windows still open (WindowCounter.dump()).
     counts: list[Any] = msgspec.field(default_factory=list)
+    # The offset of the last bundle whose effects this record's flush persisted
+    # (-1: unknown, as in records written before it existed).
+    applied: int = -1
 
 
 class _ExpiryView(msgspec.Struct, array_like=True):
@@ -179,6 +182,12 @@ class PartitionState:
     # Stream time in the last meta record written (see flush).
     persisted_watermark: int = 0
     persisted_floor: int = 0
+    # Offsets of bundles: the last one handled, the last one a delivered flush
+    # covered, and the latter as found when the partition was taken over (a
+    # bundle at or below it is a replay; see JourneyProcessor.handle).
+    applied: int = -1
+    persisted_applied: int = -1
+    replay_through: int = -1
     # Expiry scan of the stored states: the last key of the page scanned
     # (None: no pass running) and when the next pass may start (wall clock).
     expiry_cursor: bytes | None = None
@@ -248,7 +257,13 @@ class JourneyProcessor:
         counter = WindowCounter(self.spikes.window_ms)
         counter.load(meta.counts)
         part = PartitionState(
-            clock, counter, persisted_watermark=meta.watermark, persisted_floor=meta.floor
+            clock,
+            counter,
+            persisted_watermark=meta.watermark,
+            persisted_floor=meta.floor,
+            applied=meta.applied,
+            persisted_applied=meta.applied,
+            replay_through=meta.applied,
         )
         self.parts[partition] = part
         loaded = 0
@@ -396,6 +411,16 @@ class JourneyProcessor:
             return 0
         part = self._part(partition)
         now = part.clock.now()
+        if offset > part.applied:
+            part.applied = offset
+            part.meta_dirty = True
+        # A bundle at or below ``replay_through`` was applied and persisted
+        # before this partition was taken over (a crash or rebalance since its
+        # last commit). Every key it holds got a state with its ``pos``; a key
+        # with no state now lost it to erasure or expiry after that bundle, so
+        # re-applying it would bring an erased customer back (lookups, Redis,
+        # outputs) until the replayed erasure removed it again.
+        replay = offset <= part.replay_through
         fx = Effects()
         sessionizer = self.sessionizer
         fresh: set[str] = set()
@@ -426,7 +451,13 @@ class JourneyProcessor:
                 key = item.key  # type: ignore[union-attr]
             if key in skipped:
                 continue
-            state = self.cache.get(key) or self.state(key, now)
+            state = self.cache.get(key)
+            if state is None:
+                state = self.state(key, now)
+                if replay and state.pos < 0 and key not in fresh:
+                    del self.cache[key]  # no state: erased or expired since
+                    skipped.add(key)
+                    continue
             if key not in fresh:
                 if state.pos >= offset:
                     skipped.add(key)  # applied before a crash: exactly once
@@ -634,14 +665,16 @@ class JourneyProcessor:
         redis_updates: dict[str, bytes | None] = {}
         written = 0
         state_bytes = 0
-        # The meta record of a partition (stream time, signal counts) goes out
-        # twice, on the changelog partition of its states, whose order the
-        # idempotent producer keeps: before the states with the new counts but
-        # the stream time already persisted, after them with both new. If a
-        # crash cuts the flush short, every delivered state has its signals in
-        # the delivered counts (the bundles re-applied after it emit them again,
-        # same ids, and WindowCounter counts an id once), and stream time is
-        # never ahead of the states (re-applied events are not made late).
+        # The meta record of a partition (stream time, signal counts, offset of
+        # the last bundle applied) goes out twice, on the changelog partition of
+        # its states, whose order the idempotent producer keeps: before the
+        # states with the new counts but the stream time and offset already
+        # persisted, after them with all new. If a crash cuts the flush short,
+        # every delivered state has its signals in the delivered counts (the
+        # bundles re-applied after it emit them again, same ids, and
+        # WindowCounter counts an id once), stream time is never ahead of the
+        # states (re-applied events are not made late), and the offset never
+        # claims a bundle whose states were not delivered.
         finals: list[tuple[int, bytes, bytes]] = []
         for partition, part in self.parts.items():
             now = part.clock.now()
@@ -656,11 +689,16 @@ class JourneyProcessor:
             if part.meta_dirty:
                 counts = part.counter.dump()
                 meta_key = META_PREFIX + str(partition).encode()
-                early = _Meta(part.persisted_watermark, part.persisted_floor, counts)
+                early = _Meta(
+                    part.persisted_watermark, part.persisted_floor, counts, part.persisted_applied
+                )
                 changelog(partition, meta_key, msgspec.msgpack.encode(early))
-                meta = msgspec.msgpack.encode(_Meta(part.clock.watermark, now, counts))
+                meta = msgspec.msgpack.encode(
+                    _Meta(part.clock.watermark, now, counts, part.applied)
+                )
                 finals.append((partition, meta_key, meta))
                 part.persisted_watermark, part.persisted_floor = part.clock.watermark, now
+                part.persisted_applied = part.applied
                 part.meta_dirty = False
                 written += 2
                 metrics.STREAM_TIME.labels(str(partition)).set(now / 1000)

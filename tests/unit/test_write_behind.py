@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.decoder import EventDecoder
-from streams.bundles import Partitioner, encode_bundle
+from streams.bundles import Forget, Partitioner, encode_bundle
 from streams.core.sessionizer import MINUTE, SessionConfig, Sessionizer
 from streams.ingest import Ingestor, MemoryMessage
 from streams.journeys import DictStore, JourneyProcessor
@@ -208,6 +208,50 @@ def test_replay_after_a_crash_applies_each_bundle_once_with_a_customer_many_time
     assert by_id(out.records(TOPICS.journeys)) == expected
     assert sorted(j["touchpoint_count"] for j in expected.values()) == [24, 24, 24]
     assert all(j["duplicates"] == 0 for j in expected.values())
+
+
+def test_a_replay_from_before_an_erasure_does_not_bring_the_customer_back() -> None:
+    first, second, after = bundles(
+        [page_view("a-1", customer_id="alice", ts=T), page_view("b-1", customer_id="bob", ts=T)],
+        # Closes alice's first journey (10-min gap): a replay would publish it again.
+        [page_view("a-2", customer_id="alice", ts=T + 20 * MINUTE)],
+        [page_view("a-3", customer_id="alice", ts=T + 30 * MINUTE)],
+    )
+    erase = encode_bundle([Forget("alice")], 0)
+    store = DictStore(Partitioner(1))
+    p = processor(Recorder(), store)
+    p.redis = MirrorRecorder()  # type: ignore[assignment]
+    for offset, bundle in enumerate([first, second, erase]):
+        p.handle(0, offset, bundle)
+    deferred: list[tuple[int, bytes, bytes | None]] = []
+    p.flush(deferred=deferred)
+    p.write_changelog(deferred)
+    p.publish_mirror()
+    assert b"alice" not in store.data and b"bob" in store.data
+
+    # Crashed before committing: the successor restores the changelog and
+    # replays every bundle since the last commit (offset 0 here).
+    out, mirror = Recorder(), MirrorRecorder()
+    restarted = processor(out, DictStore(Partitioner(1)))
+    restarted.store.data.update(store.data)  # type: ignore[attr-defined]
+    restarted.redis = mirror  # type: ignore[assignment]
+    restarted.handle(0, 0, first)
+    assert restarted.lookup("alice") is None
+    restarted.handle(0, 1, second)
+    assert restarted.lookup("alice") is None
+    restarted.handle(0, 2, erase)
+    restarted.flush()
+    assert restarted.lookup("alice") is None
+    assert out.records(TOPICS.journeys) == []  # nothing of alice published again
+    assert all(key != b"alice" for kind, (_p, key, *_v) in out.calls if kind == "changelog")
+    assert all("alice" not in s for s in mirror.submits)
+    # alice in all three bundles (the erasure too), bob once
+    assert restarted.counts["skipped_replayed_keys"] == 4
+    bob = restarted.lookup("bob")
+    assert bob is not None and bob == p.lookup("bob")  # replayed exactly once
+    # What alice does after the erasure is new data.
+    restarted.handle(0, 3, after)
+    assert restarted.lookup("alice")["live"][0]["touchpoint_count"] == 1  # type: ignore[index]
 
 
 def test_alerting_keeps_the_larger_count_from_a_partition_replaying_behind_its_last_report() -> (
