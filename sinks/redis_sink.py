@@ -12,8 +12,10 @@ down or slow the sink keeps the newest values and retries with backoff, and
 the worker goes on processing (it never waits for Redis). Past
 ``max_pending`` keys (``TOUCHPOINT_REDIS_MAX_PENDING``) it drops the oldest
 live-journey values first (a resync re-sends every live journey once Redis is
-back) and deletions only when nothing else is left (those keys then expire by
-TTL). A Redis that comes back empty (restarted without persistence, failed
+back) and deletions of closed journeys only when nothing else is left (those
+keys then expire by TTL). Erasures are never dropped: a customer's key stays
+protected until a write made after its erasure reached Redis (a resync would
+not repeat the deletion, and the TTL is days). A Redis that comes back empty (restarted without persistence, failed
 over) is noticed by its new ``run_id`` and resynced too.
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from itertools import islice
 from typing import Any
 
@@ -66,6 +69,11 @@ class RedisJourneySink:
         # Registered scripts reload themselves after a Redis restart (NOSCRIPT).
         self._script = self.client.register_script(_WRITE_SCRIPT)
         self._pending: dict[str, bytes | None] = {}
+        # Customers erased since the last write that reached Redis for them:
+        # key -> sequence number of the erasure (a later one supersedes it).
+        self._erased: dict[str, int] = {}
+        self._erasures = 0
+        self._taken_erasures: dict[str, int] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -80,16 +88,26 @@ class RedisJourneySink:
     def key(self, customer: str) -> str:
         return self.prefix + customer
 
-    def submit(self, updates: dict[str, bytes | None], *, resync: bool = False) -> None:
+    def submit(
+        self,
+        updates: dict[str, bytes | None],
+        *,
+        resync: bool = False,
+        erased: Iterable[str] = (),
+    ) -> None:
         """Queue the newest value (None: delete) per customer; never blocks on Redis.
 
         ``resync``: these are all live journeys; if even they overflow the
         buffer, asking for another resync would only repeat that.
+        ``erased``: keys of ``updates`` whose deletion is an erasure (never dropped).
         """
         if not updates:
             return
         with self._lock:
             self._pending.update(updates)
+            for key in erased:
+                self._erasures += 1
+                self._erased[key] = self._erasures
             self._trim(resync)
             metrics.REDIS_PENDING.set(len(self._pending))
         self._wake.set()
@@ -100,14 +118,20 @@ class RedisJourneySink:
         overflow = len(pending) - self.max_pending
         if overflow <= 0:
             return
-        values = list(islice((k for k, v in pending.items() if v is not None), overflow))
+        erased = self._erased
+        values = list(
+            islice((k for k, v in pending.items() if v is not None and k not in erased), overflow)
+        )
         for key in values:
             del pending[key]
         deletes = []
         if len(values) < overflow:
-            deletes = list(pending)[: overflow - len(values)]
+            deletes = list(islice((k for k in pending if k not in erased), overflow - len(values)))
             for key in deletes:
                 del pending[key]
+        overflow = len(values) + len(deletes)  # erasures may keep the buffer over its bound
+        if not overflow:
+            return
         if resync:
             log.warning(
                 "more live journeys than TOUCHPOINT_REDIS_MAX_PENDING (%d): %d not re-sent",
@@ -141,8 +165,17 @@ class RedisJourneySink:
     def _take(self) -> dict[str, bytes | None]:
         with self._lock:
             batch, self._pending = self._pending, {}
+            self._taken_erasures = {k: n for k, n in self._erased.items() if k in batch}
             metrics.REDIS_PENDING.set(0)
         return batch
+
+    def _written(self) -> None:
+        """The batch taken last reached Redis: its erasures are done (unless erased again since)."""
+        with self._lock:
+            for key, n in self._taken_erasures.items():
+                if self._erased.get(key) == n:
+                    del self._erased[key]
+            self._taken_erasures = {}
 
     def _restore(self, batch: dict[str, bytes | None]) -> None:
         """Put a failed batch back, under any newer values that arrived meanwhile."""
@@ -200,6 +233,7 @@ class RedisJourneySink:
             if batch:
                 try:
                     self.write(batch)
+                    self._written()
                 except redis.RedisError as exc:
                     self._restore(batch)
                     metrics.REDIS_ERRORS.inc()

@@ -217,6 +217,7 @@ class JourneyProcessor:
         self.redis = redis
         # Redis values of a deferred flush, held until its changelog is delivered.
         self.mirror_pending: dict[str, bytes | None] = {}
+        self.mirror_erased: list[str] = []  # those of its deletions that are erasures
         self.idle_ms = idle_ms
         self.wall = wall
         self.spikes = spikes or SpikeConfig()
@@ -663,6 +664,7 @@ class JourneyProcessor:
         store = self.store
         partition_of = self.partition_of
         redis_updates: dict[str, bytes | None] = {}
+        erased: list[str] = []
         written = 0
         state_bytes = 0
         # The meta record of a partition (stream time, signal counts, offset of
@@ -709,6 +711,7 @@ class JourneyProcessor:
                 changelog(partition, raw_key, None)
                 store.delete(raw_key, partition)
                 redis_updates[key] = None
+                erased.append(key)
                 written += 1
                 continue
             state = self.cache.get(key)
@@ -734,9 +737,10 @@ class JourneyProcessor:
         store.commit()
         if self.redis is not None and redis_updates:
             if deferred is None:
-                self.redis.submit(redis_updates)
+                self.redis.submit(redis_updates, erased=erased)
             else:
                 self.mirror_pending.update(redis_updates)
+                self.mirror_erased.extend(erased)
         metrics.CHANGELOG_RECORDS.inc(written)
         metrics.STATE_BYTES.inc(state_bytes)
         self.counts["changelog_records"] += written
@@ -746,7 +750,8 @@ class JourneyProcessor:
         """Send Redis the updates of deferred flushes, once their changelog is delivered."""
         if self.redis is not None and self.mirror_pending:
             pending, self.mirror_pending = self.mirror_pending, {}
-            self.redis.submit(pending)
+            erased, self.mirror_erased = self.mirror_erased, []
+            self.redis.submit(pending, erased=erased)
 
     def write_changelog(self, writes: list[tuple[int, bytes, bytes | None]]) -> None:
         """Send changelog records deferred by :meth:`flush`, in order."""

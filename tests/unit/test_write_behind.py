@@ -102,9 +102,13 @@ class MirrorRecorder:
 
     def __init__(self) -> None:
         self.submits: list[dict[str, bytes | None]] = []
+        self.erased: list[str] = []
 
-    def submit(self, updates: dict[str, bytes | None], resync: bool = False) -> None:
+    def submit(
+        self, updates: dict[str, bytes | None], resync: bool = False, erased: Any = ()
+    ) -> None:
         self.submits.append(dict(updates))
+        self.erased.extend(erased)
 
 
 def test_redis_sees_a_deferred_flush_only_once_its_changelog_is_delivered() -> None:
@@ -220,7 +224,7 @@ def test_a_replay_from_before_an_erasure_does_not_bring_the_customer_back() -> N
     erase = encode_bundle([Forget("alice")], 0)
     store = DictStore(Partitioner(1))
     p = processor(Recorder(), store)
-    p.redis = MirrorRecorder()  # type: ignore[assignment]
+    p.redis = original = MirrorRecorder()  # type: ignore[assignment]
     for offset, bundle in enumerate([first, second, erase]):
         p.handle(0, offset, bundle)
     deferred: list[tuple[int, bytes, bytes | None]] = []
@@ -228,6 +232,8 @@ def test_a_replay_from_before_an_erasure_does_not_bring_the_customer_back() -> N
     p.write_changelog(deferred)
     p.publish_mirror()
     assert b"alice" not in store.data and b"bob" in store.data
+    # Redis deletes alice as an erasure (a full buffer never drops it).
+    assert original.submits[-1]["alice"] is None and original.erased == ["alice"]
 
     # Crashed before committing: the successor restores the changelog and
     # replays every bundle since the last commit (offset 0 here).
