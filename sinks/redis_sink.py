@@ -15,8 +15,9 @@ live-journey values first (a resync re-sends every live journey once Redis is
 back) and deletions of closed journeys only when nothing else is left (those
 keys then expire by TTL). Erasures are never dropped: a customer's key stays
 protected until a write made after its erasure reached Redis (a resync would
-not repeat the deletion, and the TTL is days). A Redis that comes back empty (restarted without persistence, failed
-over) is noticed by its new ``run_id`` and resynced too.
+not repeat the deletion, and the TTL is days). A Redis that comes back empty
+(restarted without persistence, failed over) is noticed by its new ``run_id``
+and resynced too.
 """
 
 from __future__ import annotations
