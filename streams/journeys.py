@@ -29,7 +29,6 @@ from schemas.decoder import Rejection
 from schemas.registry import uri_for
 from sinks import deadletter
 from sinks.kafka_out import OutputProducer
-from sinks.redis_sink import RedisJourneySink
 from streams.bundles import (
     Forget,
     Link,
@@ -72,6 +71,18 @@ class StateStore(Protocol):
         For the expiry scan, a page per sweep; a short page ends a pass.
         """
         ...
+
+
+class JourneyMirror(Protocol):
+    """Where live journeys are mirrored (:class:`~sinks.redis_sink.RedisJourneySink`)."""
+
+    def submit(
+        self,
+        updates: dict[str, bytes | None],
+        *,
+        resync: bool = False,
+        erased: Iterable[str] = (),
+    ) -> None: ...
 
 
 class SortedPages:
@@ -204,7 +215,7 @@ class JourneyProcessor:
         store: StateStore,
         output: OutputProducer,
         topics: TopicSettings,
-        redis: RedisJourneySink | None = None,
+        redis: JourneyMirror | None = None,
         idle_ms: int = 5_000,
         wall: Callable[[], float] = time.time,
         spikes: SpikeConfig | None = None,

@@ -42,7 +42,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from schemas.decoder import EventDecoder
@@ -80,7 +80,13 @@ class _Redis:
     def __init__(self) -> None:
         self.values = 0
 
-    def submit(self, updates: dict[str, bytes | None], resync: bool = False) -> None:
+    def submit(
+        self,
+        updates: dict[str, bytes | None],
+        *,
+        resync: bool = False,
+        erased: Iterable[str] = (),
+    ) -> None:
         self.values += len(updates)
 
 
@@ -148,7 +154,7 @@ def run(bundles: list[tuple[int, bytes]], partitions: int, flush_every: int) -> 
         store=DictStore(Partitioner(partitions)),
         output=output,  # type: ignore[arg-type]
         topics=TopicSettings(),
-        redis=redis,  # type: ignore[arg-type]
+        redis=redis,
     )
     for p in range(partitions):
         processor.load_partition(p)
