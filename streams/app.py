@@ -29,6 +29,7 @@ from typing import Any
 
 import faust
 import msgspec
+from faust.transport.drivers import aiokafka as faust_aiokafka
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sinks.kafka_out import OutputProducer
@@ -727,6 +728,46 @@ def _exit_after(seconds: float, code: int = 1) -> None:
     threading.Thread(target=watchdog, name="crash-watchdog", daemon=True).start()
 
 
+class _ShortFetchWaitThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """Faust's aiokafka consumer thread with a configurable fetch wait.
+
+    Faust builds its aiokafka consumer with ``fetch_max_wait_ms=1500`` and no
+    setting to change it. aiokafka keeps one fetch in flight per broker, and
+    leaves out of it the partitions whose previous records are still being
+    handed over. When the partitions that are in it have nothing new (the
+    worker has caught up on them), the broker holds the fetch up to that
+    wait, and partitions drained meanwhile cannot be fetched until it
+    returns: the worker idles with data waiting. Measured on 2026-12-05
+    (embedded broker, 4 partitions, 200k events end to end): with 1,500 ms
+    some ``getmany`` calls waited 0.3-1.0 s and the worker was idle ~25 %
+    of the time (38-40k events/s); with 100 ms the longest wait was ~0.1 s,
+    CPU/wall ~0.98, 50-52k events/s. An idle worker then sends ~10 empty
+    fetches a second per broker, a negligible load.
+
+    The wait comes from ``WorkerSettings.fetch_max_wait_ms`` through the
+    transport (:func:`_use_fetch_max_wait`); aiokafka reads
+    ``_fetch_max_wait_ms`` when the consumer starts, after this sets it.
+    """
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        ours: Any = self.transport
+        consumer._fetch_max_wait_ms = ours.touchpoint_fetch_max_wait_ms
+        return consumer
+
+
+class _ShortFetchWaitConsumer(faust_aiokafka.Consumer):
+    def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
+        return _ShortFetchWaitThread(self, loop=self.loop, beacon=self.beacon)
+
+
+def _use_fetch_max_wait(app: faust.App, wait_ms: int) -> None:
+    """Make ``app``'s consumer ask the broker to answer fetches within ``wait_ms``."""
+    transport: Any = app.transport  # resolves its event loop lazily: safe before start
+    transport.touchpoint_fetch_max_wait_ms = wait_ms
+    transport.Consumer = _ShortFetchWaitConsumer
+
+
 def create_app(
     settings: Settings, kafka: KafkaSettings | None = None
 ) -> tuple[faust.App, JourneyStage]:
@@ -762,6 +803,7 @@ def create_app(
         # alerting table's changelog is written by Faust's producer.
         producer_max_batch_size=1 if worker.changelog_single_record_batches else None,
     )
+    _use_fetch_max_wait(app, worker.fetch_max_wait_ms)
     if worker.store.startswith("rocksdb"):
         stage_marker = _wipe_after_unclean_stop(Path(app.conf.tabledir))
     else:

@@ -426,6 +426,11 @@ class WorkerSettings(BaseSettings):
     # Flush early when this many bundles wait for their ack (bounds replay after a crash).
     max_unacked_bundles: int = Field(default=200, ge=1)
     sweep_interval_s: float = Field(default=1.0, gt=0)
+    # How long the broker may hold the bundle consumer's fetch when the partitions
+    # in it have nothing new. aiokafka keeps one fetch in flight per broker, so
+    # partitions drained meanwhile wait behind it; Faust hardcodes 1,500 ms.
+    # See JourneyStage's consumer (streams/app.py).
+    fetch_max_wait_ms: int = Field(default=100, ge=1, le=1500)
     # Wall-clock seconds of silence before a partition's stream time follows the wall clock.
     idle_s: float = Field(default=5.0, ge=0)
     standby_replicas: int = Field(default=1, ge=0)
