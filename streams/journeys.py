@@ -493,13 +493,15 @@ class JourneyProcessor:
         if max_ts:
             part.clock.observe(max_ts)
             part.meta_dirty = True
-            metrics.PROCESSING_LAG.labels(str(partition)).set(max(0.0, self.wall() - max_ts / 1000))
+            metrics.child(metrics.PROCESSING_LAG, str(partition)).set(
+                max(0.0, self.wall() - max_ts / 1000)
+            )
         self._emit(fx, part)
         self._sweep(part)  # deadlines the stream time has now passed, in stream order
         if skipped:
             self.counts["skipped_replayed_keys"] += len(skipped)
         for (channel, etype), n in applied.items():
-            metrics.EVENTS_APPLIED.labels(channel, etype).inc(n)
+            metrics.child(metrics.EVENTS_APPLIED, channel, etype).inc(n)
         return touchpoints
 
     def _forget(self, state: CustomerState, item: Forget, fx: Effects) -> None:
@@ -535,7 +537,7 @@ class JourneyProcessor:
         for at, signal in fx.signals:
             customer = signal["customer_id"]
             output.record(topics.friction, customer, jsonio.dumps(signal))
-            metrics.FRICTION_SIGNALS.labels(signal["rule"], signal["channel"]).inc()
+            metrics.child(metrics.FRICTION_SIGNALS, signal["rule"], signal["channel"]).inc()
             if part is not None:
                 part.counter.add(
                     at, signal["rule"], signal["channel"], customer, signal["signal_id"]
@@ -555,18 +557,18 @@ class JourneyProcessor:
                 metrics.JOURNEY_DURATION.observe(summary["duration_ms"] / 1000)
                 metrics.JOURNEY_LENGTH.observe(summary["touchpoint_count"])
             for outcome, n in outcomes.items():
-                metrics.JOURNEYS_COMPLETED.labels(outcome).inc(n)
+                metrics.child(metrics.JOURNEYS_COMPLETED, outcome).inc(n)
             for stage, n in furthest.items():
-                metrics.JOURNEY_FURTHEST_STAGE.labels(stage).inc(n)
+                metrics.child(metrics.JOURNEY_FURTHEST_STAGE, stage).inc(n)
             for status, n in carts.items():
                 if status != "none":
-                    metrics.JOURNEY_CARTS.labels(status).inc(n)
+                    metrics.child(metrics.JOURNEY_CARTS, status).inc(n)
         for (survey, channel, score), n in fx.surveys.items():
-            metrics.SURVEY_RESPONSES.labels(survey, channel, str(score)).inc(n)
+            metrics.child(metrics.SURVEY_RESPONSES, survey, channel, str(score)).inc(n)
         for late in fx.late:
             tp = late.touchpoint
             output.record(topics.late, tp.key, jsonio.dumps(self._late_record(late)))
-            metrics.EVENTS_LATE.labels(tp.event.channel).inc()
+            metrics.child(metrics.EVENTS_LATE, tp.event.channel).inc()
         if fx.forwards:
             by_partition: dict[int, list[Any]] = {}
             for target, item in fx.forwards:
@@ -577,8 +579,8 @@ class JourneyProcessor:
         if fx.duplicates:
             metrics.EVENTS_DUPLICATE.inc(fx.duplicates)
         for (before, after), n in fx.transitions.items():
-            metrics.STAGE_TRANSITIONS.labels(
-                STAGES[before] if before >= 0 else "none", STAGES[after]
+            metrics.child(
+                metrics.STAGE_TRANSITIONS, STAGES[before] if before >= 0 else "none", STAGES[after]
             ).inc(n)
         self.counts["closed"] += len(fx.closed)
         self.counts["late"] += len(fx.late)

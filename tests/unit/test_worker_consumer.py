@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ def test_the_worker_consumer_uses_the_configured_fetch_wait_not_fausts_1500_ms(
         monkeypatch.setenv("TOUCHPOINT_WORKER_FETCH_MAX_WAIT_MS", setting)
 
     async def build() -> int:
-        app, _stage = create_app(Settings())
+        app, stage = create_app(Settings())
         thread = app.consumer._thread  # type: ignore[attr-defined]
         consumer = thread._create_worker_consumer(app.transport)
         try:
@@ -30,5 +31,9 @@ def test_the_worker_consumer_uses_the_configured_fetch_wait_not_fausts_1500_ms(
             return int(consumer._fetch_max_wait_ms)
         finally:
             await consumer.stop()
+            # The stage's output producer would retry its bootstrap server
+            # (and log it) for the rest of the test session.
+            del stage.output._producer, stage.output._changelog
+            gc.collect()
 
     assert asyncio.run(build()) == expected
