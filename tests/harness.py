@@ -1,8 +1,8 @@
 """The whole pipeline in one process, without Kafka: for fast, deterministic scenario tests.
 
 Simulated events -> Ingestor (validation, bundles per partition) -> JourneyProcessor
-per partition, in stream order (forwarded items are delivered right after the
-bundle that produced them, as the broker would) -> partition reports ->
+per partition, in stream order (forwarded items, which the processor sends
+with its flush, are delivered after each flush) -> partition reports ->
 WindowAggregator -> alerts. Wall time is frozen, so stream time comes from the
 events alone.
 """
@@ -96,6 +96,12 @@ def run_pipeline(
             out.forwarded.clear()
         processor.sweep()
         processor.flush()
+        while out.forwarded:  # forwards are sent with the flush (JourneyProcessor._forward)
+            forwarded, out.forwarded = out.forwarded, []
+            for target, data in forwarded:
+                processor.handle(target, offsets[target], data)
+                offsets[target] += 1
+            processor.flush()
         for report in out.reports:
             aggregator.update(decode_report.decode(report))
         out.reports.clear()

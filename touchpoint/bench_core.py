@@ -162,20 +162,35 @@ def run(bundles: list[tuple[int, bytes]], partitions: int, flush_every: int) -> 
     touchpoints = 0
     handle_s = flush_s = 0.0
     clock = time.perf_counter
-    for n, (partition, data) in enumerate(bundles, 1):
-        t0 = clock()
-        touchpoints += processor.handle(partition, offsets[partition], data)
-        offsets[partition] += 1
+
+    def deliver() -> None:
+        # Forwarded items (identity stitching) come back as bundles, as from Kafka.
         while output.forwarded:
             forwarded, output.forwarded = output.forwarded, []
             for target, item in forwarded:
                 processor.handle(target, offsets[target], item)
                 offsets[target] += 1
+
+    for n, (partition, data) in enumerate(bundles, 1):
+        t0 = clock()
+        touchpoints += processor.handle(partition, offsets[partition], data)
+        offsets[partition] += 1
+        deliver()
         t1 = clock()
         handle_s += t1 - t0
         if n % flush_every == 0 or n == len(bundles):
-            processor.flush()
-            flush_s += clock() - t1
+            processor.flush()  # sends the forwards gathered since the last one
+            t2 = clock()
+            flush_s += t2 - t1
+            deliver()
+            handle_s += clock() - t2
+    while output.forwarded:  # the last flush's forwards, and theirs
+        t1 = clock()
+        deliver()
+        t2 = clock()
+        processor.flush()
+        handle_s += t2 - t1
+        flush_s += clock() - t2
     return {
         "touchpoints": touchpoints,
         "handle_s": handle_s,

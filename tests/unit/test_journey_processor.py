@@ -167,3 +167,55 @@ def test_the_expiry_view_reads_the_leading_fields_of_a_stored_state() -> None:
     assert (view.key, view.touched, view.pos, bytes(view.journeys)) == ("c", 42, 7, _NO_JOURNEYS)
     assert bytes(view.rules) == _NO_RULES
     assert len(names) == len(msgspec.structs.fields(CustomerState))
+
+
+class _OrderedOutputs(Outputs):
+    """Outputs that also note the order of forwarded bundles and changelog records."""
+
+    def __init__(self) -> None:
+        super().__init__(TopicSettings())
+        self.sent: list[str] = []
+
+    def changelog(self, partition: int, key: bytes, value: bytes | None) -> None:
+        self.sent.append("changelog")
+
+    def bundle(self, partition: int, items: list[Any], now_ms: int) -> None:
+        super().bundle(partition, items, now_ms)
+        self.sent.append(f"bundle:{len(items)}")
+
+
+def _identify(eid: str, ts: int, anonymous: str) -> dict[str, Any]:
+    return event(
+        "identify", eid, customer_id="carol", anonymous_id=anonymous, ts=ts, method="login"
+    )
+
+
+def test_forwards_are_gathered_across_bundles_and_sent_with_the_flush_before_the_changelog(
+    tmp_path: Path,
+) -> None:
+    stage = Stage(tmp_path)
+    stage.out = stage.processor.output = _OrderedOutputs()  # type: ignore[assignment]
+    # Each identify sends a link to its anonymous id's partition (the only one here).
+    stage.feed(_identify("i-1", T, "anon-1"))
+    stage.feed(_identify("i-2", T + 500, "anon-2"))
+    assert stage.out.sent == []  # nothing yet: stream time moved < 2 s (grace / 30)
+    stage.processor.flush()
+    sent = stage.out.sent
+    assert sent[0] == "bundle:2"  # both links in one message, ahead of the states
+    assert "changelog" in sent[1:] and "bundle:2" not in sent[1:]
+    ((partition, data),) = stage.out.forwarded
+    stage.processor.handle(partition, stage.offset, data)  # the links arrive
+    assert stage.processor.state("anon-1").alias_of == "carol"
+    assert stage.processor.state("anon-2").alias_of == "carol"
+
+
+def test_forwards_go_out_once_stream_time_is_a_thirtieth_of_the_grace_past_the_first(
+    tmp_path: Path,
+) -> None:
+    stage = Stage(tmp_path)  # grace 1 min: forwards wait at most 2 s of stream time
+    stage.out = stage.processor.output = _OrderedOutputs()  # type: ignore[assignment]
+    stage.feed(_identify("i-1", T, "anon-1"))
+    stage.feed(page_view("b-1", customer_id="bob", ts=T + 1_999))
+    assert stage.out.sent == []
+    stage.feed(page_view("b-2", customer_id="bob", ts=T + 2_000))
+    assert stage.out.sent == ["bundle:1"]  # without waiting for a flush
