@@ -219,3 +219,12 @@ def test_forwards_go_out_once_stream_time_is_a_thirtieth_of_the_grace_past_the_f
     assert stage.out.sent == []
     stage.feed(page_view("b-2", customer_id="bob", ts=T + 2_000))
     assert stage.out.sent == ["bundle:1"]  # without waiting for a flush
+
+
+def test_a_partitions_forwards_go_out_at_once_when_they_fill_a_bundle(tmp_path: Path) -> None:
+    stage = Stage(tmp_path)
+    stage.out = stage.processor.output = _OrderedOutputs()  # type: ignore[assignment]
+    stage.feed(*(_identify(f"i-{n}", T + n, f"anon-{n}") for n in range(501)))
+    assert stage.out.sent == ["bundle:500"]  # FORWARD_BUNDLE_MAX; the 501st waits
+    stage.processor.flush()
+    assert stage.out.sent[:2] == ["bundle:500", "bundle:1"]
