@@ -232,7 +232,7 @@ class JourneyProcessor:
         self.mirror_pending: dict[str, bytes | None] = {}
         self.mirror_erased: list[str] = []  # those of its deletions that are erasures
         # Items for other keys' partitions (stitching, erasure cascades), gathered
-        # per target partition until the next flush (see _forward).
+        # per target partition for a few seconds of stream time at most (_forward).
         self.forward_pending: dict[int, list[Any]] = {}
         self.forward_since = -1  # stream time when the oldest of them was queued
         self.forward_max_delay_ms = sessionizer.config.grace_ms // 30
