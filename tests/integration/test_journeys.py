@@ -259,7 +259,12 @@ def test_rebalance_between_two_workers_keeps_state_and_routes_lookups(pipeline: 
     assert _counts(a, customers) == {c: 3 for c in customers}
 
     b.stop()
-    wait_until(lambda: (ha := a.health()) and len(ha["partitions"]) == 4, 90)
+    try:
+        wait_until(lambda: (ha := a.health()) and len(ha["partitions"]) == 4, 90)
+    except AssertionError as exc:
+        # Failed once (2026-12-05, full suite, not reproduced in 5 runs alone or
+        # with its file): say whether the worker was still rebalancing or recovering.
+        raise AssertionError(f"{exc}\nworker a: {a.health()}\n{a.log_tail()}") from None
     pipeline.send(*[page_view(f"r3-{c}", customer_id=c, ts=t + 20) for c in customers])
     wait_until(lambda: _counts(a, customers) == {c: 4 for c in customers}, 60)
 
