@@ -83,6 +83,15 @@ def run_pipeline(
     offsets = [0] * PARTITIONS
     alerts: list[dict[str, Any]] = []
     messages = [MemoryMessage(jsonio.dumps(e), "touchpoints.web", i) for i, e in enumerate(events)]
+
+    def deliver() -> None:
+        """Hand forwarded bundles (and the ones they forward in turn) to their partitions."""
+        while out.forwarded:
+            forwarded, out.forwarded = out.forwarded, []
+            for target, data in forwarded:
+                processor.handle(target, offsets[target], data)
+                offsets[target] += 1
+
     for start in range(0, len(messages), batch):
         result = ingestor.process(messages[start : start + batch], 0)
         queue = deque(result.bundles.items())
@@ -90,17 +99,11 @@ def run_pipeline(
             partition, items = queue.popleft()
             processor.handle(partition, offsets[partition], encode_bundle(items, 0))
             offsets[partition] += 1
-            for target, data in out.forwarded:
-                processor.handle(target, offsets[target], data)
-                offsets[target] += 1
-            out.forwarded.clear()
+            deliver()
         processor.sweep()
         processor.flush()
         while out.forwarded:  # forwards are sent with the flush (JourneyProcessor._forward)
-            forwarded, out.forwarded = out.forwarded, []
-            for target, data in forwarded:
-                processor.handle(target, offsets[target], data)
-                offsets[target] += 1
+            deliver()
             processor.flush()
         for report in out.reports:
             aggregator.update(decode_report.decode(report))

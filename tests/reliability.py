@@ -333,12 +333,17 @@ class Accounting:
     duplicate_alerts: int = 0
     hidden: int = 0  # touchpoints counted but not listed (summaries keep the latest 50)
     problems: list[str] = field(default_factory=list)
-    alert_keys: set[tuple[str, str, int]] = field(default_factory=set)
+    # (alert id, state) -> the alert record (the first of its duplicates).
     alert_by_key: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict, repr=False)
     # Distinct records by id, for comparing runs.
     closed: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
     signal_by_id: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
     late_by_id: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+
+    @property
+    def alert_keys(self) -> set[tuple[str, str, int]]:
+        """(alert id, state, value) of every distinct alert."""
+        return {(a["alert_id"], a["state"], a["value"]) for a in self.alert_by_key.values()}
 
     def figures(self) -> str:
         return (
@@ -471,7 +476,6 @@ def account(
         "alert",
     )
     acc.alerts = len(alert_by_key)
-    acc.alert_keys = {(a["alert_id"], a["state"], a["value"]) for a in alert_by_key.values()}
     acc.alert_by_key = alert_by_key
     return acc
 
@@ -729,9 +733,7 @@ def compare(
                 f"{len(changed)} changed (e.g. {changed[:3]}, in {fields})"
             )
     if alerts:
-        ids = [
-            {(a, state) for a, state, _value in run.alert_keys} for run in (disturbed, reference)
-        ]
+        ids = [set(run.alert_by_key) for run in (disturbed, reference)]
         mine, theirs = _comparable_alerts(traffic, disturbed, reference)
         if ids[0] != ids[1]:
             problems.append(f"alerts differ: {sorted(ids[0] ^ ids[1])[:10]}")
