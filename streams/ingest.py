@@ -454,12 +454,11 @@ class IngestWorker:
             self._report_lag()
             return 0
         started = time.perf_counter()
-        data = []
-        for message in messages:
-            if message.error() is None:
-                data.append(message)
-            else:
-                log.warning("consumer error: %s", message.error())
+        data = [message for message in messages if message.error() is None]
+        if len(data) < len(messages):
+            for message in messages:
+                if message.error() is not None:
+                    log.warning("consumer error: %s", message.error())
         now_ms = int(self.clock() * 1000)
         result = self.ingestor.process(data, now_ms)
         for source, newest in result.progress.items():

@@ -331,4 +331,10 @@ def _report(result: BenchResult) -> None:
             f"  journeys closed / duplicates dropped           {counts.get('closed', 0):>10,} / {counts.get('duplicates', 0):,}",
             f"  Redis journey writes                           {stats.get('redis_written', 0):>10,}",
         ]
+        if stats.get("bundles"):
+            # Faust's cost is per message: this says how far bundling amortises it.
+            lines.append(
+                f"  touchpoints per bundle the worker read         "
+                f"{stats.get('touchpoints', 0) / stats['bundles']:>10,.0f}"
+            )
     print("\n".join(lines))
