@@ -701,8 +701,9 @@ def compare(
     that identity stitching does not involve must be the same, ids included.
     Alerts count everyone's signals, stitched customers' too, so they are
     compared only for runs that read the input the same way (both a backlog):
-    the same ids and states, and the same values where the window holds no
-    stitched customer's signal in either run. Stitching items go through
+    the same ids and states, and the same values for the records whose
+    windows, in both runs, hold no stitched customer's signal
+    (:func:`_comparable_alerts`). Stitching items go through
     Kafka, and when they arrive depends on it (the event time of an absence
     or threshold signal can move with it). Seen
     in 2 of 8 crash runs on 2026-12-05, the code before and after that day's
@@ -745,9 +746,16 @@ def compare(
 
 
 def _comparable_alerts(traffic: Traffic, *runs: Accounting) -> list[set[tuple[str, str, int]]]:
-    """Each run's (alert id, state, value) of the windows without stitched customers' signals.
+    """Each run's (alert id, state, value) of the records no stitched customer's signal touches.
 
-    In the 50k-event crash scenario, 3 of its 10 alerts.
+    A record (an alert id in one state) is judged over the windows every run
+    reports for it, from the earliest start to the latest end: a stitched
+    signal can move the value an alert fires with, and the window it
+    resolves in. Seen once (2026-12-05 late, 1 of ~25 crash runs): the same
+    alert resolved one window earlier in one run, in a window holding a
+    stitched customer's signal; judged by its own window, only the other
+    run's resolved record was left in the comparison. In the 50k-event
+    crash scenario, 3 of its 10 alerts' records are compared.
     """
     stitched = [
         (s["rule"], s["channel"], datetime.fromisoformat(s["occurred_at"]))
@@ -755,20 +763,26 @@ def _comparable_alerts(traffic: Traffic, *runs: Accounting) -> list[set[tuple[st
         for s in run.signal_by_id.values()
         if s["customer_id"] in traffic.stitched
     ]
-
-    def involved(alert: dict[str, Any]) -> bool:
-        start = datetime.fromisoformat(alert["window"]["start"])
-        end = datetime.fromisoformat(alert["window"]["end"])
-        return any(
-            rule == alert["rule"] and alert["channel"] in (channel, "all") and start <= at < end
-            for rule, channel, at in stitched
-        )
-
+    spans: dict[tuple[str, str], tuple[str, str, datetime, datetime]] = {}
+    for run in runs:
+        for a in run.alert_by_key.values():
+            record = (a["alert_id"], a["state"])
+            start = datetime.fromisoformat(a["window"]["start"])
+            end = datetime.fromisoformat(a["window"]["end"])
+            known = spans.get(record)
+            if known is not None:
+                start, end = min(start, known[2]), max(end, known[3])
+            spans[record] = (a["rule"], a["channel"], start, end)
+    involved = {
+        record
+        for record, (rule, channel, start, end) in spans.items()
+        if any(r == rule and channel in (c, "all") and start <= at < end for r, c, at in stitched)
+    }
     return [
         {
             (a["alert_id"], a["state"], a["value"])
             for a in run.alert_by_key.values()
-            if not involved(a)
+            if (a["alert_id"], a["state"]) not in involved
         }
         for run in runs
     ]
@@ -837,6 +851,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"alerts (id, state, value): {len(same)} the same, "
                 f"{len(run.accounting.alert_keys - same)} only here, "
                 f"{len(ref.accounting.alert_keys - same)} only in the reference"
+            )
+            compared, _ = _comparable_alerts(traffic, run.accounting, ref.accounting)
+            print(
+                f"  alert records compared by value (no stitched signal in their windows): {len(compared)}"
             )
     print(f"logs and worker output in {tmp}")
     return 1 if failed else 0
