@@ -700,15 +700,18 @@ def compare(
     Journeys (whole summaries), late events and friction signals of every key
     that identity stitching does not involve must be the same, ids included.
     Alerts count everyone's signals, stitched customers' too, so they are
-    compared only for runs that read the input the same way (both a backlog):
-    the same ids and states, and the same values for the records whose
-    windows, in both runs, hold no stitched customer's signal
-    (:func:`_comparable_alerts`). Stitching items go through
-    Kafka, and when they arrive depends on it (the event time of an absence
-    or threshold signal can move with it). Seen
-    in 2 of 8 crash runs on 2026-12-05, the code before and after that day's
-    changes alike: the same alert ids and states, values off by 1 in windows
-    with stitched customers' signals.
+    compared only for runs that read the input the same way (both a backlog),
+    and only the records (alert id, state) whose windows, in both runs, hold
+    no stitched customer's signal (:func:`_comparable_alerts`): there they
+    must be the same, values included. Stitching items go through Kafka, and
+    when they arrive depends on it (the event time of an absence or threshold
+    signal can move with it), so a stitched signal can change a window's
+    count. Seen on 2026-12-05 in crash runs: values off by 1 (2 of 8 runs),
+    an alert resolving one window earlier (1 of ~25), and a cart-abandonment
+    alert raised in one run only (1 of ~25). Each time, journeys and signals
+    of everyone else were identical, so a window's count could differ only
+    by stitched customers' signals (or by a counting fault: the problem
+    reported says which, with the signals per minute).
     """
     problems = []
 
@@ -734,15 +737,39 @@ def compare(
                 f"{len(changed)} changed (e.g. {changed[:3]}, in {fields})"
             )
     if alerts:
-        ids = [set(run.alert_by_key) for run in (disturbed, reference)]
         mine, theirs = _comparable_alerts(traffic, disturbed, reference)
-        if ids[0] != ids[1]:
-            problems.append(f"alerts differ: {sorted(ids[0] ^ ids[1])[:10]}")
-        elif mine != theirs:
-            problems.append(f"alert values differ: {sorted(mine ^ theirs)[:10]}")
+        if mine != theirs:
+            ids = [{(i, state) for i, state, _value in run} for run in (mine, theirs)]
+            what = "alerts" if ids[0] != ids[1] else "alert values"
+            rule_of = {
+                a["alert_id"]: a["rule"]
+                for run in (disturbed, reference)
+                for a in run.alert_by_key.values()
+            }
+            rules = {rule_of[i] for i, _state, _value in mine ^ theirs}
+            problems.append(
+                f"{what} differ (this run, then the undisturbed one): "
+                f"{sorted(mine - theirs)[:10]} / {sorted(theirs - mine)[:10]}; "
+                f"distinct signals of {sorted(rules)} per minute, this run / undisturbed "
+                f"(stitched customers' in brackets): "
+                f"{_signal_minutes(traffic, disturbed, rules)} / "
+                f"{_signal_minutes(traffic, reference, rules)}"
+            )
         elif reference.alert_keys and not theirs:
-            problems.append("no alert value to compare: every window holds stitched signals")
+            problems.append("no alert to compare: stitched signals fall in every alert's windows")
     return problems
+
+
+def _signal_minutes(traffic: Traffic, run: Accounting, rules: set[str]) -> dict[str, str]:
+    """'count [stitched count]' of distinct signals per minute of the given rules (diagnosis)."""
+    counts: Counter[str] = Counter()
+    stitched: Counter[str] = Counter()
+    for s in run.signal_by_id.values():
+        if s["rule"] in rules:
+            minute = s["occurred_at"][:16]
+            counts[minute] += 1
+            stitched[minute] += s["customer_id"] in traffic.stitched
+    return {m: f"{counts[m]} [{stitched[m]}]" for m in sorted(counts)}
 
 
 def _comparable_alerts(traffic: Traffic, *runs: Accounting) -> list[set[tuple[str, str, int]]]:

@@ -69,14 +69,42 @@ def test_a_value_differing_where_no_stitched_signal_falls_is_reported() -> None:
         _alert("al-1", "firing", 9, 20), _alert("al-1", "resolved", 1, 24), signals=signals
     )
     problems = compare(_traffic(), disturbed, reference)
-    assert len(problems) == 1 and problems[0].startswith("alert values differ")
-    assert "'firing', 8" in problems[0] and "'firing', 9" in problems[0]
+    assert len(problems) == 1
+    assert problems[0].startswith(
+        "alert values differ (this run, then the undisturbed one): "
+        "[('al-1', 'firing', 8)] / [('al-1', 'firing', 9)]"
+    )
+    # The signals per minute say whose signals fell where.
+    assert "{'2026-09-21T14:20': '1 [0]', '2026-09-21T14:24': '1 [1]'}" in problems[0]
 
 
-def test_different_alert_ids_are_reported_even_where_stitched_signals_fall() -> None:
+def test_an_alert_only_one_run_raises_where_no_stitched_signal_falls_is_reported() -> None:
+    signals = {"s1": _signal(STITCHED, 30)}
+    disturbed = _run(
+        _alert("al-1", "firing", 9, 20), _alert("al-3", "firing", 5, 30), signals=signals
+    )
+    reference = _run(
+        _alert("al-2", "firing", 9, 20), _alert("al-3", "firing", 6, 30), signals=signals
+    )
+    problems = compare(_traffic(), disturbed, reference)
+    assert len(problems) == 1
+    assert problems[0].startswith(
+        "alerts differ (this run, then the undisturbed one): "
+        "[('al-1', 'firing', 9)] / [('al-2', 'firing', 9)]"
+    )
+
+
+def test_an_alert_only_one_run_raises_where_a_stitched_signal_falls_is_not_a_difference() -> None:
+    signals = {"s1": _signal(STITCHED, 37), "s2": _signal("cust-plain", 20)}
+    both = _alert("al-1", "firing", 9, 20)
+    disturbed = _run(both, _alert("al-2", "firing", 7, 37), signals=signals)
+    reference = _run(both, signals=signals)
+    assert compare(_traffic(), disturbed, reference) == []
+
+
+def test_no_alert_left_to_compare_is_a_problem() -> None:
     signals = {"s1": _signal(STITCHED, 20)}
-    disturbed = _run(_alert("al-1", "firing", 9, 20), signals=signals)
-    reference = _run(_alert("al-2", "firing", 9, 20), signals=signals)
-    assert compare(_traffic(), disturbed, reference) == [
-        "alerts differ: [('al-1', 'firing'), ('al-2', 'firing')]"
+    run = _run(_alert("al-1", "firing", 9, 20), signals=signals)
+    assert compare(_traffic(), run, run) == [
+        "no alert to compare: stitched signals fall in every alert's windows"
     ]
