@@ -176,7 +176,7 @@ class WindowAggregator:
         self.last_counts: dict[str, int] = {}
 
     def update(self, partial: Partial) -> None:
-        """A partition's latest report (cumulative: replacing is idempotent)."""
+        """A partition's latest report (cumulative counts: keeping the larger is idempotent)."""
         state = self.state
         p = str(partial.partition)
         self._heard[partial.partition] = self.wall()
@@ -202,13 +202,15 @@ class WindowAggregator:
                         self.late_signals += c.count - closed.get(key, 0)
                         closed[key] = c.count
                 continue
-            if behind:
-                kept = state.windows.setdefault(start, {}).setdefault(p, {})
-                for key, c in counts.items():
-                    if key not in kept or c.count > kept[key].count:
-                        kept[key] = c
-            else:
-                state.windows.setdefault(start, {})[p] = counts
+            # The larger count wins, also in a report that is not behind: a
+            # partition's counts only grow, except where its counter lost
+            # some (restored from an older meta record after a crash, or a
+            # window re-created after it was pruned); those signals were
+            # reported before and stay counted.
+            kept = state.windows.setdefault(start, {}).setdefault(p, {})
+            for key, c in counts.items():
+                if key not in kept or c.count > kept[key].count:
+                    kept[key] = c
 
     def _floor(self) -> int | None:
         """Stream time every partition has passed (None: wait).

@@ -74,7 +74,8 @@ def test_kill_9_mid_stream_and_restart_accounts_for_every_event_once(
     check(run, traffic)
     # The kill was mid-stream: the restarted worker had a good part of it to do.
     assert run.last_worker_touchpoints > EVENTS // 10, report(run)
-    assert compare(traffic, run.accounting, reference) == [], report(run)
+    differences = compare(traffic, run.accounting, reference)
+    assert not differences, "\n".join([*differences, report(run)])
 
 
 def test_workers_joining_leaving_and_killed_mid_stream_account_for_every_event_once(
@@ -84,4 +85,5 @@ def test_workers_joining_leaving_and_killed_mid_stream_account_for_every_event_o
     check(run, traffic)
     # Not alerts: live-paced input hands stitching items over sooner than a
     # backlog does, and alerts count stitched customers' signals too.
-    assert compare(traffic, run.accounting, reference, alerts=False) == [], report(run)
+    differences = compare(traffic, run.accounting, reference, alerts=False)
+    assert not differences, "\n".join([*differences, report(run)])

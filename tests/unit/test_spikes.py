@@ -163,6 +163,21 @@ def test_replayed_reports_do_not_double_count() -> None:
     assert agg.state.detectors["payment_failure|web"].mean == 7
 
 
+def test_a_smaller_count_in_a_later_report_does_not_lower_what_was_reported() -> None:
+    # A partition's counter can lose signals it reported: restored from an
+    # older meta record after a crash, or a window it pruned re-created by a
+    # signal dated that far back. Its next reports are not behind in stream
+    # time, and must not take back the signals reported before.
+    wall = Wall()
+    agg = aggregator(wall)
+    agg.update(partial(0, T0 + MIN, {T0: {"payment_failure|web": 7}}))
+    agg.update(partial(0, T0 + MIN, {T0: {"payment_failure|web": 3}}))  # not behind
+    agg.update(partial(1, T0 + MIN, {}))
+    agg.close_ready()  # only the first window has ended everywhere
+    assert agg.state.detectors["payment_failure|web"].windows == 1
+    assert agg.state.detectors["payment_failure|web"].mean == 7
+
+
 def test_window_counter_counts_per_channel_and_all_and_reloads() -> None:
     counter = WindowCounter(MIN)
     counter.add(T0 + 5, "payment_failure", "web", "c1", "s1")
