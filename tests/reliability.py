@@ -706,12 +706,13 @@ def compare(
     must be the same, values included. Stitching items go through Kafka, and
     when they arrive depends on it (the event time of an absence or threshold
     signal can move with it), so a stitched signal can change a window's
-    count. Seen on 2026-12-05 in crash runs: values off by 1 (2 of 8 runs),
-    an alert resolving one window earlier (1 of ~25), and a cart-abandonment
-    alert raised in one run only (1 of ~25). Each time, journeys and signals
-    of everyone else were identical, so a window's count could differ only
-    by stitched customers' signals (or by a counting fault: the problem
-    reported says which, with the signals per minute).
+    count. The differences examined on 2026-12-05 late were not that: the
+    distinct signals per minute, stitched customers' included, were the
+    same in both runs, and the alerting stage had counted fewer than the
+    friction topic holds in some windows after the crash (a fault in it,
+    see the README's Reliability section; e5dca5a fixed one way to lose
+    counts). The problem reported lists the signals per minute so the two
+    causes can be told apart.
     """
     problems = []
 
@@ -778,11 +779,8 @@ def _comparable_alerts(traffic: Traffic, *runs: Accounting) -> list[set[tuple[st
     A record (an alert id in one state) is judged over the windows every run
     reports for it, from the earliest start to the latest end: a stitched
     signal can move the value an alert fires with, and the window it
-    resolves in. Seen once (2026-12-05 late, 1 of ~25 crash runs): the same
-    alert resolved one window earlier in one run, in a window holding a
-    stitched customer's signal; judged by its own window, only the other
-    run's resolved record was left in the comparison. In the 50k-event
-    crash scenario, 3 of its 10 alerts' records are compared.
+    resolves in. In the 50k-event crash scenario, 3 of its 10 alerts'
+    records are compared.
     """
     stitched = [
         (s["rule"], s["channel"], datetime.fromisoformat(s["occurred_at"]))
