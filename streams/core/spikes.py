@@ -180,15 +180,12 @@ class WindowAggregator:
         state = self.state
         p = str(partial.partition)
         self._heard[partial.partition] = self.wall()
-        known = state.stream_times.get(p, -1)
-        # Behind this partition's last report: a worker that took it over
-        # (crash, rebalance) replays from the last commit, and its counts grow
-        # back from what the state it recovered holds. They must not shrink
-        # what was reported, but may add to it (the last reports before a
-        # crash can be lost, and a window is pruned once replayed past).
-        behind = partial.stream_time < known
-        if not behind:
-            state.stream_times[p] = partial.stream_time
+        # A worker that took the partition over (crash, rebalance) replays
+        # from the last commit: its stream time and counts grow back from what
+        # the state it recovered holds. Neither may shrink what was reported,
+        # but its counts may add to it (the last reports before a crash can be
+        # lost, and a window is pruned once replayed past).
+        state.stream_times[p] = max(state.stream_times.get(p, -1), partial.stream_time)
         for start, counts in partial.windows.items():
             if int(start) <= state.last_closed:
                 # That window is closed; late contributions do not reopen it,
@@ -202,11 +199,10 @@ class WindowAggregator:
                         self.late_signals += c.count - closed.get(key, 0)
                         closed[key] = c.count
                 continue
-            # The larger count wins, also in a report that is not behind: a
-            # partition's counts only grow, except where its counter lost
-            # some (restored from an older meta record after a crash, or a
-            # window re-created after it was pruned); those signals were
-            # reported before and stay counted.
+            # The larger count wins, also in a report that is not behind in
+            # stream time: a counter can have lost signals it reported
+            # (restored from an older meta record, or a pruned window
+            # re-created); those stay counted.
             kept = state.windows.setdefault(start, {}).setdefault(p, {})
             for key, c in counts.items():
                 if key not in kept or c.count > kept[key].count:
