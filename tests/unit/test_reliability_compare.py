@@ -45,6 +45,14 @@ def _run(*alerts: dict[str, Any], signals: dict[str, dict[str, Any]]) -> Account
     return acc
 
 
+def _only_problem(disturbed: Accounting, reference: Accounting, starts: str) -> str:
+    """The one problem compare() reports, checked to start with ``starts``."""
+    problems = compare(_traffic(), disturbed, reference)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(starts), problems[0]
+    return problems[0]
+
+
 def test_an_alert_resolving_in_another_window_because_of_a_stitched_signal_is_not_a_difference() -> (
     None
 ):
@@ -68,14 +76,14 @@ def test_a_value_differing_where_no_stitched_signal_falls_is_reported() -> None:
     reference = _run(
         _alert("al-1", "firing", 9, 20), _alert("al-1", "resolved", 1, 24), signals=signals
     )
-    problems = compare(_traffic(), disturbed, reference)
-    assert len(problems) == 1
-    assert problems[0].startswith(
+    problem = _only_problem(
+        disturbed,
+        reference,
         "alert values differ (this run, then the undisturbed one): "
-        "[('al-1', 'firing', 8)] / [('al-1', 'firing', 9)]"
+        "[('al-1', 'firing', 8)] / [('al-1', 'firing', 9)]",
     )
     # The signals per minute say whose signals fell where.
-    assert "{'2026-09-21T14:20': '1 [0]', '2026-09-21T14:24': '1 [1]'}" in problems[0]
+    assert "{'2026-09-21T14:20': '1 [0]', '2026-09-21T14:24': '1 [1]'}" in problem
 
 
 def test_an_alert_only_one_run_raises_where_no_stitched_signal_falls_is_reported() -> None:
@@ -86,11 +94,11 @@ def test_an_alert_only_one_run_raises_where_no_stitched_signal_falls_is_reported
     reference = _run(
         _alert("al-2", "firing", 9, 20), _alert("al-3", "firing", 6, 30), signals=signals
     )
-    problems = compare(_traffic(), disturbed, reference)
-    assert len(problems) == 1
-    assert problems[0].startswith(
+    _only_problem(
+        disturbed,
+        reference,
         "alerts differ (this run, then the undisturbed one): "
-        "[('al-1', 'firing', 9)] / [('al-2', 'firing', 9)]"
+        "[('al-1', 'firing', 9)] / [('al-2', 'firing', 9)]",
     )
 
 
