@@ -30,6 +30,7 @@ from typing import Any
 import faust
 import msgspec
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sinks.kafka_out import OutputProducer
@@ -39,6 +40,7 @@ from streams.core.rules import RuleEngine, RulesConfig, load_rules
 from streams.core.sessionizer import Sessionizer
 from streams.core.spikes import ALL_CHANNELS, AlertState, Partial, WindowAggregator
 from streams.journeys import META_PREFIX, JourneyProcessor, SortedPages, StateStore
+from streams.refetch import BundleReader
 from touchpoint import jsonio, metrics
 from touchpoint.config import CHANNELS, KafkaSettings, Settings
 
@@ -268,15 +270,19 @@ class JourneyStage:
             single_record_batches=worker.changelog_single_record_batches,
         )
         self.redis = RedisJourneySink(settings.redis) if settings.redis.enabled else None
+        self.reader = BundleReader(kafka, topics.validated)
         self.processor: JourneyProcessor | None = None
         self.alerting: AlertStage | None = None
         self.clean_marker: Path | None = None  # rocksdb: written after a clean stop
         self._stream: Any = None
         self._unacked: list[Any] = []
+        # Bundles read by the reader (not through Faust), to be acked with _unacked.
+        self._refetched: list[tuple[int, range]] = []
         self._flush_lock = asyncio.Lock()
         self._flushing: asyncio.Task[None] | None = None
         self.bundles = 0
         self.touchpoints = 0
+        self.refetched = 0  # bundles the consumer skipped, read again (see refetch)
         self._handled: dict[int, int] = {}  # partition -> offset of the last bundle handled
         self.flushed_touchpoints = 0  # touchpoints whose effects a completed flush persisted
         self.first_bundle_at: float | None = None
@@ -366,6 +372,9 @@ class JourneyStage:
             message = event.message
             if self.first_bundle_at is None:
                 self.first_bundle_at = time.time()
+            missing = processor.missing(message.partition, message.offset)
+            if missing and not await self.refetch(message.partition, missing):
+                continue  # the partition moved meanwhile: its next owner reads this bundle
             self._handled[message.partition] = message.offset
             self.touchpoints += processor.handle(message.partition, message.offset, message.value)
             self.bundles += 1
@@ -397,6 +406,7 @@ class JourneyStage:
                 return
             started = time.perf_counter()
             events, self._unacked = self._unacked, []
+            refetched, self._refetched = self._refetched, []
             covered = self.touchpoints
             changelog: list[tuple[int, bytes, bytes | None]] = []
             self.processor.flush(deferred=changelog)
@@ -421,12 +431,93 @@ class JourneyStage:
                 return
             for event in events:
                 await self._stream.ack(event)
+            for partition, offsets in refetched:
+                await self._ack_range(partition, offsets)
             self.flushed_touchpoints = covered
             self.last_flush_at = time.time()
             if self.redis is not None and self.redis.needs_resync and self.redis.healthy:
                 self.redis.needs_resync = False
                 self.processor.resync_redis()
             metrics.STATE_FLUSH_SECONDS.observe(time.perf_counter() - started)
+
+    async def refetch(self, partition: int, missing: range) -> bool:
+        """Read bundles the consumer skipped straight from Kafka and apply them.
+
+        Returns False if the partition was revoked meanwhile (nothing of it
+        is applied then). See :meth:`JourneyProcessor.missing`.
+        """
+        processor = self._processor()
+        limit = self.settings.worker.refetch_max_bundles
+        first, last = missing.start, missing.stop - 1
+        if len(missing) > limit:
+            log.error(
+                "partition %d: bundles %d..%d were never applied and are more than "
+                "refetch_max_bundles (%d): not read again (offsets reset on purpose?)",
+                partition,
+                first,
+                last,
+                limit,
+            )
+            metrics.BUNDLES_SKIPPED.inc(len(missing))
+            return True
+        generation = self.app.consumer_generation_id
+        log.warning(
+            "partition %d: the consumer skipped bundles %d..%d (before %d); reading them again",
+            partition,
+            first,
+            last,
+            missing.stop,
+        )
+        loop = asyncio.get_running_loop()
+        try:
+            records = await loop.run_in_executor(None, self.reader.read, partition, missing)
+        except Exception as exc:
+            # Going on would leave the bundles out for good: stop as a failed
+            # flush does. The next owner finds the same bundles missing (its
+            # meta record's offset is this one's) and reads them again.
+            self.delivery_failed = True
+            log.error("could not read skipped bundles; exiting to replay: %s", exc)
+            _exit_after(CRASH_EXIT_S)
+            await self.app.crash(exc)
+            return False
+        if self.app.consumer_generation_id != generation or partition not in processor.parts:
+            log.warning("partition %d moved during the refetch: left to its next owner", partition)
+            return False
+        for offset, value in records:
+            self._handled[partition] = offset
+            self.touchpoints += processor.handle(partition, offset, value)
+            self.bundles += 1
+        self._refetched.append((partition, missing))
+        self.refetched += len(records)
+        metrics.BUNDLES_REFETCHED.inc(len(records))
+        if len(records) < len(missing):
+            log.error(
+                "partition %d: %d of bundles %d..%d are no longer in %s (retention)",
+                partition,
+                len(missing) - len(records),
+                first,
+                last,
+                self.reader.topic,
+            )
+            metrics.BUNDLES_SKIPPED.inc(len(missing) - len(records))
+        return True
+
+    async def _ack_range(self, partition: int, offsets: range) -> None:
+        """Tell Faust's consumer that refetched offsets may be committed.
+
+        Faust commits the acked offsets that follow the committed one without
+        a hole. Bundles it skipped are either already counted as a "gap"
+        (acked) or were dropped unacked, which would hold its commits back
+        from then on. Its gap bookkeeping (``Consumer._add_gap``, private in
+        faust-streaming 0.15) is how they are marked: the refetched bundles
+        are persisted by now, as acked events are.
+        """
+        add_gap = getattr(self.app.consumer, "_add_gap", None)
+        if add_gap is None:
+            return
+        tp = TP(self.source.get_topic_name(), partition)
+        if tp in self.app.consumer.assignment():
+            await add_gap(tp, offsets.start, offsets.stop - 1)
 
     async def sweep(self) -> None:
         if self.processor is None or self.app.rebalancing or self.app.in_recovery:
@@ -527,6 +618,7 @@ class JourneyStage:
         return {
             "bundles": self.bundles,
             "touchpoints": self.touchpoints,
+            "refetched_bundles": self.refetched,
             "flushed_touchpoints": self.flushed_touchpoints,
             "first_bundle_at": self.first_bundle_at,
             "last_flush_at": self.last_flush_at,
@@ -577,6 +669,7 @@ class JourneyStage:
             self.clean_marker.touch()
         if self.redis is not None:
             self.redis.stop()
+        self.reader.close()
 
     # ---------------------------------------------------------------- web
     async def get_journey(self, web: Any, request: Any, customer: str) -> Any:

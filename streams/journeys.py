@@ -421,18 +421,40 @@ class JourneyProcessor:
         return expired
 
     # ------------------------------------------------------------ bundles
+    def missing(self, partition: int, offset: int) -> range:
+        """Bundles before ``offset`` that this partition has not applied (normally none).
+
+        The bundle topic is written without transactions and never
+        compacted, so its offsets follow each other, and a consumer that
+        delivers bundle ``offset`` must have delivered every bundle after
+        the last one applied (the partition's ``applied``, restored from the
+        meta record on takeover: a crash or a rebalance starts reading at or
+        before the one after it, since offsets are committed only after the
+        flush that persisted them). A range here means the consumer skipped
+        bundles: Faust can, around a rebalance, when a prefetched batch of
+        the previous generation moves its read position past the committed
+        offset it then seeks back to (records below the read position are
+        dropped, and records it counted as a gap are treated as acked). The
+        shell reads the range straight from Kafka and applies it first
+        (JourneyStage.consume), so no event is lost to it.
+        """
+        applied = self._part(partition).applied
+        if applied < 0 or offset <= applied + 1:
+            return range(0)
+        return range(applied + 1, offset)
+
     def handle(self, partition: int, offset: int, value: bytes) -> int:
         """Apply one bundle message; returns the number of touchpoints in it."""
+        part = self._part(partition)
+        if offset > part.applied:
+            part.applied = offset
+            part.meta_dirty = True
         try:
             bundle = decode_bundle(value)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             self._corrupt(partition, offset, value, exc)
             return 0
-        part = self._part(partition)
         now = part.clock.now()
-        if offset > part.applied:
-            part.applied = offset
-            part.meta_dirty = True
         # A bundle at or below ``replay_through`` was applied and persisted
         # before this partition was taken over (a crash or rebalance since its
         # last commit). Every key it holds got a state with its ``pos``; a key

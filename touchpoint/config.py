@@ -426,6 +426,10 @@ class WorkerSettings(BaseSettings):
     # Flush early when this many bundles wait for their ack (bounds replay after a crash).
     max_unacked_bundles: int = Field(default=200, ge=1)
     sweep_interval_s: float = Field(default=1.0, gt=0)
+    # Bundles the consumer skipped (a Faust rebalance race, see
+    # JourneyProcessor.missing) are read again from Kafka and applied, up to
+    # this many at once; a larger skip is taken as an offset reset on purpose.
+    refetch_max_bundles: int = Field(default=10_000, ge=0)
     # How long the broker may hold the bundle consumer's fetch when the partitions
     # in it have nothing new. aiokafka keeps one fetch in flight per broker, so
     # partitions drained meanwhile wait behind it; Faust hardcodes 1,500 ms.

@@ -81,6 +81,15 @@ EVENTS_LATE = Counter(
     "Valid events that arrived after the grace period (sent to the late topic).",
     ["channel"],
 )
+BUNDLES_REFETCHED = Counter(
+    "touchpoint_bundles_refetched_total",
+    "Bundles the worker's consumer skipped around a rebalance, read again and applied.",
+)
+BUNDLES_SKIPPED = Counter(
+    "touchpoint_bundles_skipped_total",
+    "Bundles never applied: gone from the topic (retention), or a skip over "
+    "refetch_max_bundles (offsets reset on purpose).",
+)
 EVENTS_DUPLICATE = Counter(
     "touchpoint_events_duplicate_total", "Redelivered events (same event_id) ignored."
 )

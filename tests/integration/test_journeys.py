@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -360,3 +361,119 @@ def test_forget_erases_the_customer_everywhere(pipeline: Pipeline) -> None:
     assert fresh.journey(customer)[0] == 404 and fresh.journey(anonymous)[0] == 404, fresh.stats()
     assert _counts(fresh, ["cust-other"]) == {"cust-other": 1}
     assert r.get(key) is None
+
+
+def _validated_ends(pipeline: Pipeline) -> list[int]:
+    from confluent_kafka import Consumer, TopicPartition
+
+    probe = Consumer({**pipeline.kafka.librdkafka(), "group.id": "probe-ends"})
+    try:
+        topic = pipeline.topics.validated
+        return [
+            probe.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in range(pipeline.topics.partitions)
+        ]
+    finally:
+        probe.close()
+
+
+async def _commit_as_worker(pipeline: Pipeline, offsets: dict[int, int]) -> None:
+    """Commit the worker group's offsets of the validated topic, as a member of it.
+
+    Tansu takes commits from members only, and the group keeps the protocol
+    of Faust's assignor ("faust"): a consumer joins the idle group under
+    that name (assigning round robin) to commit.
+    """
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
+
+    class AsFaust(RoundRobinPartitionAssignor):
+        name = "faust"
+
+    topic = pipeline.topics.validated
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=pipeline.kafka.bootstrap_servers,
+        group_id=pipeline.env["TOUCHPOINT_WORKER_APP_ID"],
+        enable_auto_commit=False,
+        partition_assignment_strategy=(AsFaust,),
+        session_timeout_ms=pipeline.kafka.session_timeout_ms,
+        heartbeat_interval_ms=1_000,
+    )
+    await consumer.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not consumer.assignment():
+            assert time.monotonic() < deadline, "never got an assignment"
+            await consumer.getmany(timeout_ms=500)
+        await consumer.commit({TopicPartition(topic, p): o for p, o in offsets.items()})
+    finally:
+        await consumer.stop()
+
+
+@pytest.mark.parametrize("pipeline", [LONG], indirect=True)
+def test_bundles_the_consumer_skipped_are_read_again(pipeline: Pipeline) -> None:
+    """The group's offsets committed past bundles no worker applied: none is lost.
+
+    That is what Faust leaves after its rebalance race (prefetched records
+    of the old generation acked as skipped, or counted as a gap; see
+    JourneyProcessor.missing). Here it is made by hand: a clean stop, more
+    bundles, then the offsets committed at the topic's end.
+    """
+    customers = [f"cust-skip-{i}" for i in range(12)]
+    t = now_ms()
+    first = pipeline.worker()
+    first.wait_ready(partitions=pipeline.topics.partitions)
+    pipeline.send(*[page_view(f"s1-{c}", customer_id=c, ts=t) for c in customers])
+    wait_until(lambda: _counts(first, customers) == {c: 1 for c in customers}, 30)
+    first.stop()
+    before = _validated_ends(pipeline)
+
+    pipeline.send(*[page_view(f"s2-{c}", customer_id=c, ts=t + 1) for c in customers])
+    wait_until(lambda: pipeline.ingest.released_total >= 2 * len(customers), 30)
+    wait_until(lambda: _validated_ends(pipeline) != before and not pipeline.ingest._inflight, 30)
+    ends = _validated_ends(pipeline)
+    skipped = sum(ends) - sum(before)
+    assert skipped > 0
+    asyncio.run(
+        _commit_as_worker(pipeline, {p: end for p, end in enumerate(ends)}),
+    )
+
+    second = pipeline.worker()
+    second.wait_ready(partitions=pipeline.topics.partitions)
+    pipeline.send(*[page_view(f"s3-{c}", customer_id=c, ts=t + 2) for c in customers])
+    wait_until(lambda: _counts(second, customers) == {c: 3 for c in customers}, 60)
+    stats = second.stats()
+    assert stats["refetched_bundles"] == skipped, stats
+    for customer in customers:
+        _status, body = second.journey(customer)
+        assert body["live"][0]["duplicates"] == 0, (body, stats, pipeline.ingest.events_total)
+
+
+def test_the_bundle_reader_returns_what_the_topic_holds_of_a_range(
+    kafka: KafkaSettings, unique: str
+) -> None:
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from streams.refetch import BundleReader
+
+    topic = f"t{unique}.refetch"
+    admin = AdminClient(kafka.librdkafka())
+    for future in admin.create_topics([NewTopic(topic, 2, 1)]).values():
+        future.result()
+    producer = Producer(kafka.librdkafka())
+    for i in range(10):
+        producer.produce(topic, f"p1-{i}".encode(), partition=1)
+    assert producer.flush(30) == 0
+
+    reader = BundleReader(kafka, topic, timeout_s=3)
+    try:
+        assert reader.read(1, range(3, 7)) == [(i, f"p1-{i}".encode()) for i in range(3, 7)]
+        assert reader.read(1, range(0)) == []
+        assert [o for o, _ in reader.read(1, range(0, 10))] == list(range(10))
+        assert reader.read(1, range(9, 10)) == [(9, b"p1-9")]
+        with pytest.raises(TimeoutError):
+            reader.read(0, range(0, 5))  # an empty partition: nothing ends the read
+    finally:
+        reader.close()

@@ -281,3 +281,27 @@ def test_alerting_keeps_the_larger_count_from_a_partition_replaying_behind_its_l
     aggregator.update(partial(1, 200_000, {w: {"r|web": 1}}))
     window = aggregator.state.windows["0"]
     assert {p: c["r|web"].count for p, c in window.items()} == {"0": 7, "1": 1}
+
+
+def test_bundles_skipped_after_a_takeover_or_within_one_are_reported_missing() -> None:
+    data = bundles(*[[page_view(f"m-{i}", customer_id=f"c{i}", ts=T + i)] for i in range(6)])
+    store = DictStore(Partitioner(1))
+    p = processor(Recorder(), store)
+    assert p.missing(0, 3) == range(0)  # nothing applied yet: wherever the group starts
+    p.handle(0, 0, data[0])
+    p.handle(0, 1, data[1])
+    assert p.missing(0, 2) == range(0)  # the next one
+    assert p.missing(0, 1) == range(0)  # a redelivery
+    p.handle(0, 2, b"\x00 not a bundle")  # a corrupt bundle is applied too (dead letter)
+    assert p.missing(0, 3) == range(0)
+    p.flush()
+
+    # The next owner restores the meta record: bundles 3 and 4 were never applied.
+    restarted = processor(Recorder(), DictStore(Partitioner(1)))
+    restarted.store.data.update(store.data)  # type: ignore[attr-defined]
+    assert restarted.missing(0, 3) == range(0)
+    assert restarted.missing(0, 5) == range(3, 5)
+    for offset in (3, 4, 5):
+        restarted.handle(0, offset, data[offset])
+    assert restarted.missing(0, 6) == range(0)
+    assert restarted.missing(0, 9) == range(6, 9)
