@@ -41,6 +41,7 @@ from streams.core.sessionizer import Sessionizer
 from streams.core.spikes import ALL_CHANNELS, AlertState, Partial, WindowAggregator
 from streams.journeys import META_PREFIX, JourneyProcessor, SortedPages, StateStore
 from streams.refetch import BundleReader
+from streams.watchdog import RecoveryWatch
 from touchpoint import jsonio, metrics
 from touchpoint.config import CHANNELS, KafkaSettings, Settings
 
@@ -293,6 +294,8 @@ class JourneyStage:
         app.timer(worker.flush_interval_s, name="journeys.flush")(self.flush)
         app.timer(worker.sweep_interval_s, name="journeys.sweep")(self.sweep)
         app.timer(5.0, name="journeys.gauges")(self.gauges)
+        self.recovery_watch = RecoveryWatch(worker.recovery_stall_s)
+        app.timer(5.0, name="recovery.watch")(self.watch_recovery)
         app.timer(60.0, name="memory.trim")(self.trim_memory)
         app.timer(settings.kafka.statistics_interval_ms / 1000, name="kafka.consumer_up")(
             self.consumer_health
@@ -531,6 +534,47 @@ class JourneyStage:
                 self.processor.load_partition(tp.partition)
         self.processor.sweep()
         self.processor.expire_stored()
+
+    async def watch_recovery(self) -> None:
+        """Nudge a changelog recovery that stopped making progress, or exit (streams/watchdog.py)."""
+        recovery: Any = self.app.tables.recovery  # type: ignore[attr-defined]  # TableManager's
+        remaining = recovery.active_remaining() if recovery.in_recovery else None
+        verdict = self.recovery_watch.check(remaining)
+        if verdict is None:
+            return
+        action, stuck = verdict
+        consumer = self.app.consumer
+        paused: set[Any] = getattr(consumer, "_paused_partitions", set())
+        assigned = consumer.assignment()
+        detail = ", ".join(
+            f"{tp.topic}[{tp.partition}] at {recovery.active_offsets.get(tp)} of "
+            f"{recovery.active_highwaters.get(tp)}"
+            f"{' (paused)' if tp in paused else ''}{'' if tp in assigned else ' (not assigned)'}"
+            for tp in stuck
+        )
+        stall_s = self.recovery_watch.stall_s
+        if action == "nudge":
+            log.warning(
+                "changelog recovery made no progress for %.0f s: %s; seeking those partitions "
+                "again",
+                stall_s,
+                detail,
+            )
+            metrics.RECOVERY_NUDGES.inc()
+            consumer.resume_partitions(stuck)
+            await consumer.seek_wait(
+                {tp: max(recovery.active_offsets.get(tp) or 0, 0) for tp in stuck}
+            )
+            return
+        log.error(
+            "changelog recovery still made no progress %.0f s after seeking again: %s; exiting "
+            "so that the supervisor starts the worker again",
+            stall_s,
+            detail,
+        )
+        self.delivery_failed = True  # nothing acked from here on
+        _exit_after(CRASH_EXIT_S)
+        await self.app.crash(RuntimeError("changelog recovery stalled"))
 
     async def trim_memory(self) -> None:
         took = release_free_memory()

@@ -90,6 +90,11 @@ BUNDLES_SKIPPED = Counter(
     "Bundles never applied: gone from the topic (retention), or a skip over "
     "refetch_max_bundles (offsets reset on purpose).",
 )
+RECOVERY_NUDGES = Counter(
+    "touchpoint_recovery_nudges_total",
+    "Changelog recoveries that made no progress for TOUCHPOINT_WORKER_RECOVERY_STALL_S "
+    "and had their partitions sought again.",
+)
 EVENTS_DUPLICATE = Counter(
     "touchpoint_events_duplicate_total", "Redelivered events (same event_id) ignored."
 )
