@@ -279,6 +279,7 @@ class JourneyStage:
         self._unacked: list[Any] = []
         # Bundles read by the reader (not through Faust), to be acked with _unacked.
         self._refetched: list[tuple[int, range]] = []
+        self._refetch_lock = asyncio.Lock()
         self._flush_lock = asyncio.Lock()
         self._flushing: asyncio.Task[None] | None = None
         self.bundles = 0
@@ -375,8 +376,12 @@ class JourneyStage:
             message = event.message
             if self.first_bundle_at is None:
                 self.first_bundle_at = time.time()
-            missing = processor.missing(message.partition, message.offset)
-            if missing and not await self.refetch(message.partition, missing):
+            if self._refetch_lock.locked():
+                async with self._refetch_lock:
+                    pass  # the sweep is applying skipped bundles: they go first
+            if processor.missing(message.partition, message.offset) and not await self.refetch(
+                message.partition, message.offset
+            ):
                 continue  # the partition moved meanwhile: its next owner reads this bundle
             self._handled[message.partition] = message.offset
             self.touchpoints += processor.handle(message.partition, message.offset, message.value)
@@ -443,13 +448,23 @@ class JourneyStage:
                 self.processor.resync_redis()
             metrics.STATE_FLUSH_SECONDS.observe(time.perf_counter() - started)
 
-    async def refetch(self, partition: int, missing: range) -> bool:
-        """Read bundles the consumer skipped straight from Kafka and apply them.
+    async def refetch(self, partition: int, before: int) -> bool:
+        """Read the bundles before ``before`` that were skipped straight from Kafka and apply them.
 
         Returns False if the partition was revoked meanwhile (nothing of it
-        is applied then). See :meth:`JourneyProcessor.missing`.
+        is applied then). See :meth:`JourneyProcessor.missing`. Called by the
+        agent before the bundle at ``before`` and by the sweep for the
+        committed offset (skipped bundles with nothing after them yet); the
+        lock keeps them from applying bundles out of order.
         """
+        async with self._refetch_lock:
+            return await self._refetch(partition, before)
+
+    async def _refetch(self, partition: int, before: int) -> bool:
         processor = self._processor()
+        missing = processor.missing(partition, before)
+        if not missing:
+            return True
         limit = self.settings.worker.refetch_max_bundles
         first, last = missing.start, missing.stop - 1
         if len(missing) > limit:
@@ -462,6 +477,7 @@ class JourneyStage:
                 limit,
             )
             metrics.BUNDLES_SKIPPED.inc(len(missing))
+            processor.pass_over(partition, missing)
             return True
         generation = self.app.consumer_generation_id
         log.warning(
@@ -469,7 +485,7 @@ class JourneyStage:
             partition,
             first,
             last,
-            missing.stop,
+            before,
         )
         loop = asyncio.get_running_loop()
         try:
@@ -490,6 +506,7 @@ class JourneyStage:
             self._handled[partition] = offset
             self.touchpoints += processor.handle(partition, offset, value)
             self.bundles += 1
+        processor.pass_over(partition, missing)  # offsets with no record any more included
         self._refetched.append((partition, missing))
         self.refetched += len(records)
         metrics.BUNDLES_REFETCHED.inc(len(records))
@@ -526,14 +543,32 @@ class JourneyStage:
         if self.processor is None or self.app.rebalancing or self.app.in_recovery:
             return
         # Partitions that get no events still need their journeys closed on time.
-        for tp in self.app.assignor.assigned_actives():
+        for tp in list(self.app.assignor.assigned_actives()):
             if (
                 tp.topic == self.source.get_topic_name()
                 and tp.partition not in self.processor.parts
             ):
                 self.processor.load_partition(tp.partition)
+            await self._refetch_before_committed(tp)
+            if self.app.rebalancing:
+                return  # began during the refetch: the partitions may be gone
         self.processor.sweep()
         self.processor.expire_stored()
+
+    async def _refetch_before_committed(self, tp: Any) -> None:
+        """Skipped bundles that no later bundle has revealed yet, found by the committed offset.
+
+        Faust commits offsets of bundles it skipped (acked as skipped, or
+        booked as a gap): bundles between the last one applied and the
+        group's committed offset were skipped. Read from Faust's consumer
+        (``_committed_offset``, private in faust-streaming 0.15; absent: no check).
+        """
+        processor = self.processor
+        if processor is None or tp.topic != self.source.get_topic_name():
+            return
+        committed = getattr(self.app.consumer, "_committed_offset", {}).get(tp)
+        if committed is not None and processor.missing(tp.partition, committed):
+            await self.refetch(tp.partition, committed)
 
     async def watch_recovery(self) -> None:
         """Nudge a changelog recovery that stopped making progress, or exit (streams/watchdog.py)."""

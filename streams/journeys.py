@@ -443,6 +443,13 @@ class JourneyProcessor:
             return range(0)
         return range(applied + 1, offset)
 
+    def pass_over(self, partition: int, offsets: range) -> None:
+        """Count ``offsets`` as applied (read again and applied, or gone for good)."""
+        part = self._part(partition)
+        if offsets and offsets.stop - 1 > part.applied:
+            part.applied = offsets.stop - 1
+            part.meta_dirty = True
+
     def handle(self, partition: int, offset: int, value: bytes) -> int:
         """Apply one bundle message; returns the number of touchpoints in it."""
         part = self._part(partition)

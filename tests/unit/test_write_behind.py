@@ -305,3 +305,8 @@ def test_bundles_skipped_after_a_takeover_or_within_one_are_reported_missing() -
         restarted.handle(0, offset, data[offset])
     assert restarted.missing(0, 6) == range(0)
     assert restarted.missing(0, 9) == range(6, 9)
+    restarted.pass_over(0, range(6, 9))  # read again (or gone by retention): not missing now
+    assert restarted.missing(0, 9) == range(0)
+    restarted.pass_over(0, range(2, 4))  # never moves back
+    assert restarted.missing(0, 9) == range(0)
+    assert restarted.missing(0, 11) == range(9, 11)
