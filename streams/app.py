@@ -295,7 +295,8 @@ class JourneyStage:
         app.timer(worker.flush_interval_s, name="journeys.flush")(self.flush)
         app.timer(worker.sweep_interval_s, name="journeys.sweep")(self.sweep)
         app.timer(5.0, name="journeys.gauges")(self.gauges)
-        self.recovery_watch = RecoveryWatch(worker.recovery_stall_s)
+        # Re-seek after stall_s without progress, up to 3 times; exit after 4 x stall_s.
+        self.recovery_watch = RecoveryWatch(worker.recovery_stall_s, nudges=3)
         app.timer(5.0, name="recovery.watch")(self.watch_recovery)
         app.timer(60.0, name="memory.trim")(self.trim_memory)
         app.timer(settings.kafka.statistics_interval_ms / 1000, name="kafka.consumer_up")(

