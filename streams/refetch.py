@@ -48,9 +48,10 @@ class BundleReader:
     def read(self, partition: int, offsets: range) -> list[tuple[int, bytes]]:
         """The records of ``partition`` at ``offsets`` that the topic still holds, in order.
 
-        The partition must hold a record at or after ``offsets.stop`` (the
-        worker asks for the bundles before the one it is handling): reading
-        ends there. Offsets deleted by retention are left out, as are offsets
+        The partition must hold a record at ``offsets.stop - 1`` or later:
+        reading ends there. The worker asks for bundles it knows were written
+        (before the one it is handling, or before the committed offset), and
+        the bundle topic has no offsets without a record. Offsets deleted by retention are left out, as are offsets
         with no record. Raises :class:`TimeoutError` if the broker does not
         deliver the rest within ``timeout_s``.
 
