@@ -434,9 +434,12 @@ class JourneyProcessor:
         bundles: Faust can, around a rebalance, when a prefetched batch of
         the previous generation moves its read position past the committed
         offset it then seeks back to (records below the read position are
-        dropped, and records it counted as a gap are treated as acked). The
-        shell reads the range straight from Kafka and applies it first
-        (JourneyStage.consume), so no event is lost to it.
+        dropped, and records it counted as a gap are treated as acked), and
+        it acks messages it skips as stale, so their offsets can be committed
+        unhandled. The shell reads the range straight from Kafka and applies
+        it first, so no event is lost to it: before the next bundle
+        (JourneyStage.consume) or, with ``offset`` the group's committed
+        offset, from the sweep timer.
         """
         applied = self._part(partition).applied
         if applied < 0 or offset <= applied + 1:
