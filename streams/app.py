@@ -384,9 +384,7 @@ class JourneyStage:
                 message.partition, message.offset
             ):
                 continue  # the partition moved meanwhile: its next owner reads this bundle
-            self._handled[message.partition] = message.offset
-            self.touchpoints += processor.handle(message.partition, message.offset, message.value)
-            self.bundles += 1
+            self._apply(message.partition, message.offset, message.value)
             self._unacked.append(event)
             # Let the loop run between bundles. Taking the next bundle from a
             # non-empty stream buffer does not suspend, so without this the
@@ -405,6 +403,13 @@ class JourneyStage:
                     self._flushing = asyncio.ensure_future(self.flush())
                 elif len(self._unacked) >= 2 * limit:
                     await self._flushing
+
+    def _apply(self, partition: int, offset: int, value: bytes) -> None:
+        """Apply one bundle (from Faust's stream or read again) and count it."""
+        assert self.processor is not None
+        self._handled[partition] = offset
+        self.touchpoints += self.processor.handle(partition, offset, value)
+        self.bundles += 1
 
     async def flush(self) -> None:
         """Persist state and outputs, then ack the bundles they came from."""
@@ -504,9 +509,7 @@ class JourneyStage:
             log.warning("partition %d moved during the refetch: left to its next owner", partition)
             return False
         for offset, value in records:
-            self._handled[partition] = offset
-            self.touchpoints += processor.handle(partition, offset, value)
-            self.bundles += 1
+            self._apply(partition, offset, value)
         processor.pass_over(partition, missing)  # offsets with no record any more included
         self._refetched.append((partition, missing))
         self.refetched += len(records)
@@ -544,11 +547,11 @@ class JourneyStage:
         if self.processor is None or self.app.rebalancing or self.app.in_recovery:
             return
         # Partitions that get no events still need their journeys closed on time.
+        topic = self.source.get_topic_name()
         for tp in list(self.app.assignor.assigned_actives()):
-            if (
-                tp.topic == self.source.get_topic_name()
-                and tp.partition not in self.processor.parts
-            ):
+            if tp.topic != topic:
+                continue
+            if tp.partition not in self.processor.parts:
                 self.processor.load_partition(tp.partition)
             await self._refetch_before_committed(tp)
             if self.app.rebalancing:
@@ -565,7 +568,7 @@ class JourneyStage:
         (``_committed_offset``, private in faust-streaming 0.15; absent: no check).
         """
         processor = self.processor
-        if processor is None or tp.topic != self.source.get_topic_name():
+        if processor is None:
             return
         committed = getattr(self.app.consumer, "_committed_offset", {}).get(tp)
         if committed is not None and processor.missing(tp.partition, committed):

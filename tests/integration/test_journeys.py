@@ -13,7 +13,7 @@ import redis
 
 from streams.bundles import Partitioner
 from tests.events import event, page_view
-from tests.pipeline import Pipeline, wait_until
+from tests.pipeline import Pipeline, WorkerProcess, wait_until
 from tests.reference import assert_valid_record
 from touchpoint.config import KafkaSettings, RedisSettings, TopicSettings
 
@@ -173,6 +173,17 @@ def _counts(worker: Any, customers: list[str]) -> dict[str, int]:
 LONG = {"gap_minutes": "30", "grace_minutes": "5"}
 
 
+def _worker_with_one_view_each(
+    pipeline: Pipeline, customers: list[str], prefix: str, t: int
+) -> WorkerProcess:
+    """A ready worker that has applied one page view of each customer."""
+    worker = pipeline.worker()
+    worker.wait_ready(partitions=pipeline.topics.partitions)
+    pipeline.send(*[page_view(f"{prefix}-{c}", customer_id=c, ts=t) for c in customers])
+    wait_until(lambda: _counts(worker, customers) == {c: 1 for c in customers}, 30)
+    return worker
+
+
 @pytest.mark.parametrize("pipeline", [LONG], indirect=True)
 def test_state_survives_a_crash_exactly(pipeline: Pipeline) -> None:
     """kill -9 right after input arrives: after restart every event counts exactly once."""
@@ -212,10 +223,7 @@ def test_rocksdb_state_is_kept_after_a_clean_stop_and_rebuilt_after_a_crash(
     pipeline.env["TOUCHPOINT_WORKER_STORE"] = "rocksdb://"
     customers = [f"cust-rocks-{i}" for i in range(8)]
     t = now_ms()
-    first = pipeline.worker()
-    first.wait_ready(partitions=pipeline.topics.partitions)
-    pipeline.send(*[page_view(f"k1-{c}", customer_id=c, ts=t) for c in customers])
-    wait_until(lambda: _counts(first, customers) == {c: 1 for c in customers}, 30)
+    first = _worker_with_one_view_each(pipeline, customers, "k1", t)
     first.stop()
     assert first.process is not None and first.process.returncode == 0, first.log_tail()
 
@@ -425,10 +433,7 @@ def test_bundles_the_consumer_skipped_are_read_again(pipeline: Pipeline, found_b
     """
     customers = [f"cust-skip-{i}" for i in range(12)]
     t = now_ms()
-    first = pipeline.worker()
-    first.wait_ready(partitions=pipeline.topics.partitions)
-    pipeline.send(*[page_view(f"s1-{c}", customer_id=c, ts=t) for c in customers])
-    wait_until(lambda: _counts(first, customers) == {c: 1 for c in customers}, 30)
+    first = _worker_with_one_view_each(pipeline, customers, "s1", t)
     first.stop()
     before = _validated_ends(pipeline)
 
