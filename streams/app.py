@@ -40,6 +40,7 @@ from streams.core.rules import RuleEngine, RulesConfig, load_rules
 from streams.core.sessionizer import Sessionizer
 from streams.core.spikes import ALL_CHANNELS, AlertState, Partial, WindowAggregator
 from streams.journeys import META_PREFIX, JourneyProcessor, SortedPages, StateStore
+from streams.pacing import FlushPacer, time_idle
 from streams.refetch import BundleReader
 from streams.watchdog import RecoveryWatch
 from touchpoint import jsonio, metrics
@@ -290,9 +291,13 @@ class JourneyStage:
         self.first_bundle_at: float | None = None
         self.last_flush_at: float | None = None
         self.delivery_failed = False  # a flush could not deliver: never ack again
+        # Flush every flush_interval_s, or less often while working through a backlog.
+        self.pacer = FlushPacer(worker.flush_interval_s, worker.flush_backlog_interval_s)
+        self.flushes = 0  # completed
+        self.flushes_deferred = 0  # timer ticks skipped while working through a backlog
 
         app.agent(self.source, name="journeys")(self.consume)
-        app.timer(worker.flush_interval_s, name="journeys.flush")(self.flush)
+        app.timer(worker.flush_interval_s, name="journeys.flush")(self.flush_tick)
         app.timer(worker.sweep_interval_s, name="journeys.sweep")(self.sweep)
         app.timer(5.0, name="journeys.gauges")(self.gauges)
         # Re-seek after stall_s without progress, up to 3 times; exit after 4 x stall_s.
@@ -373,6 +378,8 @@ class JourneyStage:
         self._stream = stream.noack()
         processor = self._processor()
         limit = self.settings.worker.max_unacked_bundles
+        if not self.pacer.measured:
+            time_idle(asyncio.get_running_loop(), self.pacer)
         async for event in self._stream.events():
             message = event.message
             if self.first_bundle_at is None:
@@ -411,6 +418,14 @@ class JourneyStage:
         self.touchpoints += self.processor.handle(partition, offset, value)
         self.bundles += 1
 
+    async def flush_tick(self) -> None:
+        """The flush timer: flush, unless the worker is working through a backlog (FlushPacer)."""
+        if self.pacer.due():
+            await self.flush()
+        else:
+            self.flushes_deferred += 1
+            metrics.FLUSHES_DEFERRED.inc()
+
     async def flush(self) -> None:
         """Persist state and outputs, then ack the bundles they came from."""
         if self.processor is None or self.delivery_failed:
@@ -419,6 +434,7 @@ class JourneyStage:
             if self.delivery_failed:
                 return
             started = time.perf_counter()
+            self.pacer.flushed()
             events, self._unacked = self._unacked, []
             refetched, self._refetched = self._refetched, []
             covered = self.touchpoints
@@ -449,6 +465,7 @@ class JourneyStage:
                 await self._ack_range(partition, offsets)
             self.flushed_touchpoints = covered
             self.last_flush_at = time.time()
+            self.flushes += 1
             if self.redis is not None and self.redis.needs_resync and self.redis.healthy:
                 self.redis.needs_resync = False
                 self.processor.resync_redis()
@@ -705,6 +722,8 @@ class JourneyStage:
             "flushed_touchpoints": self.flushed_touchpoints,
             "first_bundle_at": self.first_bundle_at,
             "last_flush_at": self.last_flush_at,
+            "flushes": self.flushes,
+            "flushes_deferred": self.flushes_deferred,
             "counts": dict(processor.counts) if processor else {},
             "cached_states": len(processor.cache) if processor else 0,
             # Customers with a pending deadline (journey close, rule, or expiry

@@ -423,8 +423,14 @@ class WorkerSettings(BaseSettings):
     canonical_url: str | None = None
     # Write-behind: state, changelog, Redis and offset acks are flushed together.
     flush_interval_s: float = Field(default=1.0, gt=0)
-    # Flush early when this many bundles wait for their ack (bounds replay after a crash).
-    max_unacked_bundles: int = Field(default=200, ge=1)
+    # While the worker works through a backlog (it never waits for input), the
+    # flush is deferred up to this long: busy customers are then encoded and
+    # written once per this interval, not once per flush_interval_s. Set it to
+    # flush_interval_s (or lower) to turn deferral off. See streams/pacing.py.
+    flush_backlog_interval_s: float = Field(default=3.0, gt=0)
+    # Flush early when this many bundles wait for their ack (bounds replay after
+    # a crash, and the bundles held in memory); past twice this the agent waits.
+    max_unacked_bundles: int = Field(default=600, ge=1)
     sweep_interval_s: float = Field(default=1.0, gt=0)
     # Bundles the consumer skipped (a Faust rebalance race, see
     # JourneyProcessor.missing) are read again from Kafka and applied, up to

@@ -148,6 +148,11 @@ STATE_FLUSH_SECONDS = Histogram(
     "Write-behind flush: changelog, Redis hand-off and delivery wait.",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+FLUSHES_DEFERRED = Counter(
+    "touchpoint_state_flushes_deferred_total",
+    "Flush timer ticks skipped because the worker was working through a backlog "
+    "(see TOUCHPOINT_WORKER_FLUSH_BACKLOG_INTERVAL_S).",
+)
 CHANGELOG_RECORDS = Counter(
     "touchpoint_changelog_records_total", "State records written to the changelog."
 )
