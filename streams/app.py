@@ -724,6 +724,9 @@ class JourneyStage:
             "last_flush_at": self.last_flush_at,
             "flushes": self.flushes,
             "flushes_deferred": self.flushes_deferred,
+            # False: the event loop's idle time cannot be measured, so the
+            # flush never waits for a backlog (streams/pacing.py).
+            "flush_pacing_measured": self.pacer.measured,
             "counts": dict(processor.counts) if processor else {},
             "cached_states": len(processor.cache) if processor else 0,
             # Customers with a pending deadline (journey close, rule, or expiry

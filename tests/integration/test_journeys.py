@@ -92,6 +92,9 @@ def test_live_journey_lookup_redis_and_close(pipeline: Pipeline) -> None:
         and body["recent"][0]["journey_id"] == summary["journey_id"]
     )
     assert worker.journey("nobody")[0] == 404
+    # Write-behind pacing times the real Faust event loop (its selector's waits).
+    stats = worker.stats()
+    assert stats["flush_pacing_measured"] is True and stats["flushes"] > 0, stats
 
 
 def test_late_events_go_to_the_late_topic(pipeline: Pipeline) -> None:
