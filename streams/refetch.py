@@ -51,9 +51,10 @@ class BundleReader:
         The partition must hold a record at ``offsets.stop - 1`` or later:
         reading ends there. The worker asks for bundles it knows were written
         (before the one it is handling, or before the committed offset), and
-        the bundle topic has no offsets without a record. Offsets deleted by retention are left out, as are offsets
-        with no record. Raises :class:`TimeoutError` if the broker does not
-        deliver the rest within ``timeout_s``.
+        the bundle topic has no offsets without a record. Offsets deleted by
+        retention are left out, as are offsets with no record. Raises
+        :class:`TimeoutError` if the broker does not deliver the rest within
+        ``timeout_s``.
 
         The high watermark is not used to end the read: Tansu (the test
         broker) reports a wrong one after batched writes.
